@@ -1,0 +1,72 @@
+"""The queue behind a topic's or channel's in-memory queue.
+
+Topics and channels keep up to ``--mem-queue-size`` messages in memory and put
+the rest into a backend.  A backend stores encoded messages (the
+go-diskqueue record payload) in FIFO order.  Every method is synchronous:
+backends do buffered I/O that does not block for long, and the daemon runs
+their periodic maintenance (``sync``) from its own tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BackendError(Exception):
+    """A write failed (disk full, I/O error): the publish must be refused."""
+
+
+class BackendQueue(Protocol):
+    def put(self, data: bytes) -> None:
+        """Append one record; raise BackendError if it cannot be stored."""
+
+    def put_many(self, items: list[bytes]) -> None:
+        """Append records in order, all or none; raise BackendError on failure."""
+
+    def get(self) -> bytes | None:
+        """Remove and return the oldest record, or None when empty."""
+
+    def depth(self) -> int:
+        """Records stored and not yet read."""
+
+    def empty(self) -> None:
+        """Drop every record."""
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync + metadata)."""
+
+    def close(self) -> None:
+        """Sync and release files; the records stay for the next start."""
+
+    def delete(self) -> None:
+        """Close and remove every file."""
+
+
+class DummyBackendQueue:
+    """Ephemeral topics and channels have no disk: overflow is dropped, as in nsqd."""
+
+    __slots__ = ()
+
+    def put(self, data: bytes) -> None:
+        return None
+
+    def put_many(self, items: list[bytes]) -> None:
+        return None
+
+    def get(self) -> bytes | None:
+        return None
+
+    def depth(self) -> int:
+        return 0
+
+    def empty(self) -> None:
+        return None
+
+    def sync(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def delete(self) -> None:
+        return None

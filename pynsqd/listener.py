@@ -1,0 +1,70 @@
+"""Addresses as NSQ writes them (``host:port``, ``[::1]:port``) and listeners."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+
+def parse_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"0.0.0.0:4150"`` -> ``("0.0.0.0", 4150)``; ``"[::1]:0"`` -> ``("::1", 0)``."""
+    text = address.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"invalid address {address!r}")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if not rest and default_port is not None:
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid address {address!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            if default_port is None:
+                raise ValueError(f"missing port in address {address!r}")
+            return text, default_port
+        if ":" in host:
+            raise ValueError(f"too many colons in address {address!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"invalid port in address {address!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"invalid port in address {address!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def open_listener(address: str) -> tuple[trio.SocketListener, str, int]:
+    """Bind one TCP listener; port 0 picks a free port.  Returns the listener,
+    the real address (as nsqd logs it) and the port."""
+    host, port = parse_address(address)
+    bind_host = host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    if not any(c.isalpha() for c in bind_host) or bind_host == "localhost":
+        infos = [(family, bind_host)]
+    else:
+        resolved = await trio.socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM)
+        infos = [(resolved[0][0], resolved[0][4][0])]
+    fam, addr = infos[0]
+    if bind_host == "localhost":
+        fam, addr = socket.AF_INET, "127.0.0.1"
+    sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((addr, port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    real_host, real_port = sock.getsockname()[:2]
+    return trio.SocketListener(sock), format_address(real_host, real_port), real_port

@@ -1,0 +1,411 @@
+"""The NSQ wire codec, sans-IO: shared by the daemon, lookupd and the client.
+
+Nothing here touches a socket.  Parsers take bytes and hand back parsed
+values; encoders return bytes.  Framing as NSQ defines it:
+
+* commands (client -> nsqd / nsqlookupd): ``NAME param param\\n`` optionally
+  followed by ``[int32 size][body]`` for the commands that carry a body;
+* V2 frames (nsqd -> client): ``[int32 size][int32 type][data]`` where size
+  counts the type field too;
+* V1 replies (nsqlookupd -> nsqd): ``[int32 size][data]``;
+* messages: ``[int64 ns timestamp][uint16 attempts][16-byte hex id][body]``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+MAGIC_V1 = b"  V1"
+MAGIC_V2 = b"  V2"
+
+FRAME_TYPE_RESPONSE = 0
+FRAME_TYPE_ERROR = 1
+FRAME_TYPE_MESSAGE = 2
+
+MSG_ID_LENGTH = 16
+MSG_HEADER_LENGTH = 8 + 2 + MSG_ID_LENGTH  # 26
+
+HEARTBEAT = b"_heartbeat_"
+OK = b"OK"
+CLOSE_WAIT = b"CLOSE_WAIT"
+
+# nsqd reads command lines through a 16 KiB buffered reader; a longer line is
+# an error there too.
+MAX_LINE_LENGTH = 16 * 1024
+
+# commands followed by a [size][body] block
+NSQD_BODY_COMMANDS = frozenset({b"IDENTIFY", b"AUTH", b"PUB", b"MPUB", b"DPUB"})
+LOOKUPD_BODY_COMMANDS = frozenset({b"IDENTIFY"})
+
+_INT32 = struct.Struct(">i")
+_UINT32 = struct.Struct(">I")
+_FRAME_HEADER = struct.Struct(">ii")
+_MSG_HEADER = struct.Struct(">qH")
+_MSG_FRAME_HEADER = struct.Struct(">iiqH")
+
+_NAME_RE = re.compile(r"^[.a-zA-Z0-9_-]+(#ephemeral)?$")
+
+
+class ProtocolError(Exception):
+    """An NSQ client error: ``code`` is the wire code (``E_INVALID``...).
+
+    ``fatal`` errors close the connection after the error frame is sent.
+    """
+
+    def __init__(self, code: str, description: str = "", *, fatal: bool = True) -> None:
+        super().__init__(f"{code} {description}" if description else code)
+        self.code = code
+        self.description = description
+        self.fatal = fatal
+
+    def frame_data(self) -> bytes:
+        """The body of the error frame, e.g. ``b"E_INVALID invalid command X"``."""
+        return str(self).encode()
+
+
+# ---------------------------------------------------------------- names
+
+
+def is_valid_name(name: str) -> bool:
+    return 0 < len(name) <= 64 and _NAME_RE.match(name) is not None
+
+
+is_valid_topic_name = is_valid_name
+is_valid_channel_name = is_valid_name
+
+
+def is_ephemeral(name: str) -> bool:
+    return name.endswith("#ephemeral")
+
+
+def parse_base10(data: bytes) -> int:
+    """Parse an unsigned decimal the way nsqd does (digits only; ``b""`` is 0)."""
+    if data and not data.isdigit():
+        raise ValueError(data)
+    # isdigit() accepts only ASCII digits for bytes
+    return int(data) if data else 0
+
+
+# ---------------------------------------------------------------- frames
+
+
+def encode_frame(frame_type: int, data: bytes) -> bytes:
+    return _FRAME_HEADER.pack(len(data) + 4, frame_type) + data
+
+
+def encode_response(data: bytes) -> bytes:
+    return encode_frame(FRAME_TYPE_RESPONSE, data)
+
+
+def encode_error(error: ProtocolError) -> bytes:
+    return encode_frame(FRAME_TYPE_ERROR, error.frame_data())
+
+
+def append_message_frame(out: bytearray, timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> None:
+    """Append one message frame to an output buffer (the delivery hot path)."""
+    out += _MSG_FRAME_HEADER.pack(30 + len(body), FRAME_TYPE_MESSAGE, timestamp, attempts)
+    out += msg_id
+    out += body
+
+
+def encode_message_frame(timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> bytes:
+    out = bytearray()
+    append_message_frame(out, timestamp, attempts, msg_id, body)
+    return bytes(out)
+
+
+def encode_v1_response(data: bytes) -> bytes:
+    """nsqlookupd's replies: size-prefixed, no frame type."""
+    return _INT32.pack(len(data)) + data
+
+
+class Frame(NamedTuple):
+    frame_type: int
+    data: bytes
+
+
+class _Accumulator:
+    """A receive buffer that avoids quadratic copying for large blocks.
+
+    Short items (lines, headers) are found in one contiguous ``bytes``; once we
+    know that a block of N bytes is due we only collect chunks until N have
+    arrived and join them once.
+    """
+
+    __slots__ = ("_buf", "_pos", "_chunks", "_have", "_need")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+        self._chunks: list[bytes] | None = None
+        self._have = 0
+        self._need = 0
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunks is not None:
+            self._chunks.append(bytes(data))
+            self._have += len(data)
+            if self._have >= self._need:
+                self._buf = b"".join([self._buf[self._pos :], *self._chunks])
+                self._pos = 0
+                self._chunks = None
+            return
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+
+    def wait_for(self, total: int) -> bool:
+        """True if ``total`` bytes are available from the current position;
+        otherwise switch to collecting chunks until they are."""
+        have = len(self._buf) - self._pos
+        if have >= total:
+            return True
+        if total > 65536:
+            self._buf = self._buf[self._pos :]
+            self._pos = 0
+            self._chunks = []
+            self._have = have
+            self._need = total
+        return False
+
+    @property
+    def waiting(self) -> bool:
+        return self._chunks is not None
+
+
+class FrameDecoder:
+    """Decode V2 frames from a byte stream (the client side of nsqd)."""
+
+    def __init__(self, max_frame_size: int = 64 * 1024 * 1024) -> None:
+        self._acc = _Accumulator()
+        self._max = max_frame_size
+
+    def receive_data(self, data: bytes) -> None:
+        self._acc.feed(data)
+
+    def next_frame(self) -> Frame | None:
+        acc = self._acc
+        if acc.waiting or not acc.wait_for(8):
+            return None
+        size, frame_type = _FRAME_HEADER.unpack_from(acc._buf, acc._pos)
+        if size < 4 or size > self._max:
+            raise ProtocolError("E_BAD_FRAME", f"invalid frame size {size}")
+        if not acc.wait_for(4 + size):
+            return None
+        start = acc._pos + 8
+        end = acc._pos + 4 + size
+        data = acc._buf[start:end]
+        acc._pos = end
+        return Frame(frame_type, data)
+
+    def frames(self, data: bytes = b"") -> list[Frame]:
+        """Feed ``data`` and return every complete frame."""
+        self.receive_data(data)
+        out = []
+        while (frame := self.next_frame()) is not None:
+            out.append(frame)
+        return out
+
+
+class V1ResponseDecoder:
+    """Decode nsqlookupd's size-prefixed replies."""
+
+    def __init__(self, max_size: int = 64 * 1024 * 1024) -> None:
+        self._acc = _Accumulator()
+        self._max = max_size
+
+    def receive_data(self, data: bytes) -> None:
+        self._acc.feed(data)
+
+    def next_response(self) -> bytes | None:
+        acc = self._acc
+        if acc.waiting or not acc.wait_for(4):
+            return None
+        (size,) = _INT32.unpack_from(acc._buf, acc._pos)
+        if size < 0 or size > self._max:
+            raise ProtocolError("E_BAD_FRAME", f"invalid response size {size}")
+        if not acc.wait_for(4 + size):
+            return None
+        data = acc._buf[acc._pos + 4 : acc._pos + 4 + size]
+        acc._pos += 4 + size
+        return data
+
+
+# ---------------------------------------------------------------- messages
+
+
+def encode_message(timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> bytes:
+    """The message encoding used on the wire and in diskqueue records."""
+    return _MSG_HEADER.pack(timestamp, attempts) + msg_id + body
+
+
+def decode_message(data: bytes) -> tuple[int, int, bytes, bytes]:
+    """-> (timestamp ns, attempts, id, body)."""
+    if len(data) < MSG_HEADER_LENGTH:
+        raise ValueError(f"message too short: {len(data)} < {MSG_HEADER_LENGTH}")
+    timestamp, attempts = _MSG_HEADER.unpack_from(data, 0)
+    return timestamp, attempts, data[10:26], data[26:]
+
+
+# ---------------------------------------------------------------- commands
+
+
+class Command(NamedTuple):
+    name: bytes
+    params: list[bytes]
+    body: bytes | None = None
+
+
+def encode_command(name: bytes, *params: bytes | str, body: bytes | None = None) -> bytes:
+    parts = [name]
+    for p in params:
+        parts.append(p.encode() if isinstance(p, str) else p)
+    line = b" ".join(parts) + b"\n"
+    if body is None:
+        return line
+    return line + _INT32.pack(len(body)) + body
+
+
+def encode_mpub_body(bodies: Sequence[bytes]) -> bytes:
+    parts = [_INT32.pack(len(bodies))]
+    for b in bodies:
+        parts.append(_INT32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_mpub_body(body: bytes, max_msg_size: int, max_body_size: int) -> list[bytes]:
+    """Split an MPUB body into message bodies, validating all of them first.
+
+    Errors are nsqd's: ``E_BAD_BODY`` for the count, ``E_BAD_MESSAGE`` for any
+    one message.  Nothing is returned unless every message is valid.
+    """
+    n = len(body)
+    if n < 4:
+        raise ProtocolError("E_BAD_BODY", "MPUB failed to read message count")
+    (count,) = _INT32.unpack_from(body, 0)
+    # 4 bytes for the count, then at least 4 + 1 per message
+    max_messages = (max_body_size - 4) // 5
+    if count <= 0 or count > max_messages:
+        raise ProtocolError("E_BAD_BODY", f"MPUB invalid message count {count}")
+    out = []
+    pos = 4
+    unpack = _INT32.unpack_from
+    for i in range(count):
+        if pos + 4 > n:
+            raise ProtocolError("E_BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
+        (size,) = unpack(body, pos)
+        pos += 4
+        if size <= 0:
+            raise ProtocolError("E_BAD_MESSAGE", f"MPUB invalid message({i}) body size {size}")
+        if size > max_msg_size:
+            raise ProtocolError("E_BAD_MESSAGE", f"MPUB message too big {size} > {max_msg_size}")
+        end = pos + size
+        if end > n:
+            raise ProtocolError("E_BAD_MESSAGE", "MPUB failed to read message body")
+        out.append(body[pos:end])
+        pos = end
+    if pos != n:
+        raise ProtocolError("E_BAD_BODY", f"MPUB body has {n - pos} bytes beyond its {count} messages")
+    return out
+
+
+HeaderHook = Callable[[bytes, list[bytes]], None]
+BodySizeHook = Callable[[bytes, list[bytes], int], None]
+
+
+def _no_header_check(name: bytes, params: list[bytes]) -> None:
+    return None
+
+
+def _default_body_size_check(name: bytes, params: list[bytes], size: int) -> None:
+    if size < 0:
+        raise ProtocolError("E_BAD_BODY", f"{name.decode(errors='replace')} invalid body size {size}")
+
+
+class CommandParser:
+    """Split a client's byte stream into :class:`Command` values.
+
+    ``on_header(name, params)`` runs when the line of a body-carrying command
+    has been read, before its body arrives: it validates what nsqd validates
+    first (topic names...).  ``on_body_size(name, params, size)`` validates the
+    announced size before any of the body is buffered.  Both raise
+    :class:`ProtocolError`.  ``next_command`` returns ``None`` when more data is
+    needed; after it raises, the parser must not be used again.
+    """
+
+    def __init__(
+        self,
+        body_commands: Iterable[bytes] = NSQD_BODY_COMMANDS,
+        *,
+        on_header: HeaderHook = _no_header_check,
+        on_body_size: BodySizeHook = _default_body_size_check,
+        max_line_length: int = MAX_LINE_LENGTH,
+    ) -> None:
+        self._acc = _Accumulator()
+        self._body_commands = frozenset(body_commands)
+        self._on_header = on_header
+        self._on_body_size = on_body_size
+        self._max_line = max_line_length
+        self._pending: tuple[bytes, list[bytes]] | None = None
+        self._size = -1
+
+    def receive_data(self, data: bytes) -> None:
+        self._acc.feed(data)
+
+    def next_command(self) -> Command | None:
+        acc = self._acc
+        if acc.waiting:
+            return None
+        if self._pending is None:
+            buf = acc._buf
+            pos = acc._pos
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > self._max_line:
+                    raise ProtocolError("E_INVALID", f"command line longer than {self._max_line} bytes")
+                return None
+            if nl - pos > self._max_line:
+                raise ProtocolError("E_INVALID", f"command line longer than {self._max_line} bytes")
+            end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # trim a trailing \r
+            parts = buf[pos:end].split(b" ")
+            acc._pos = nl + 1
+            name = parts[0]
+            if name not in self._body_commands:
+                return Command(name, parts[1:])
+            params = parts[1:]
+            self._on_header(name, params)
+            self._pending = (name, params)
+            self._size = -1
+        name, params = self._pending
+        if self._size < 0:
+            if not acc.wait_for(4):
+                return None
+            (size,) = _INT32.unpack_from(acc._buf, acc._pos)
+            self._on_body_size(name, params, size)
+            acc._pos += 4
+            self._size = size
+        size = self._size
+        if not acc.wait_for(size):
+            return None
+        start = acc._pos
+        body = acc._buf[start : start + size]
+        acc._pos = start + size
+        self._pending = None
+        self._size = -1
+        return Command(name, params, body)
+
+    def commands(self, data: bytes = b"") -> list[Command]:
+        """Feed ``data`` and return every complete command (raises on bad input)."""
+        self.receive_data(data)
+        out = []
+        while (cmd := self.next_command()) is not None:
+            out.append(cmd)
+        return out
