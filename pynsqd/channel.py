@@ -1,0 +1,462 @@
+"""A channel: one consumer group's copy of a topic's messages.
+
+Plain synchronous code (the daemon's trio edge only runs its timer): messages
+wait in a bounded memory queue backed by a ``BackendQueue`` for the overflow;
+subscribed clients that are ready (in-flight < RDY) get messages pushed to
+them round-robin the moment both exist, without a task per client or per
+message.  In-flight messages sit in a dict plus a deadline heap; deferred
+ones in a due-time heap.  ``process_timeouts(now)`` requeues what expired and
+returns when it next needs to run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .backend_queue import BackendQueue
+from .client_v2 import ClientV2
+from .log import get_logger
+from .message import Message
+from .protocol import is_ephemeral
+
+if TYPE_CHECKING:
+    from .e2e import LatencyStream
+
+log = get_logger()
+
+INF = float("inf")
+
+
+class ChannelError(Exception):
+    """FIN/REQ/TOUCH of an id this client cannot act on (non-fatal)."""
+
+
+class ChannelExiting(Exception):
+    """The channel is being deleted or the daemon is stopping."""
+
+
+class TooManyConsumers(Exception):
+    pass
+
+
+class Channel:
+    def __init__(
+        self,
+        topic_name: str,
+        name: str,
+        *,
+        backend: BackendQueue,
+        mem_queue_size: int,
+        max_msg_timeout: float,
+        max_channel_consumers: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        on_deadline: Callable[[float], None] | None = None,
+        on_delete: Callable[[Channel], None] | None = None,
+        e2e: LatencyStream | None = None,
+    ) -> None:
+        self.topic_name = topic_name
+        self.name = name
+        self.ephemeral = is_ephemeral(name)
+        self.backend = backend
+        self.mem_queue_size = mem_queue_size
+        self.max_msg_timeout = max_msg_timeout
+        self.max_channel_consumers = max_channel_consumers
+        self._clock = clock
+        # told the earliest time process_timeouts() must run (the trio timer task)
+        self._on_deadline = on_deadline
+        # ephemeral channels delete themselves when their last client leaves
+        self._on_delete = on_delete
+        self.e2e = e2e
+
+        self.memory: deque[Message] = deque()
+        self.in_flight: dict[bytes, Message] = {}
+        self._in_flight_heap: list[tuple[float, int, Message]] = []
+        self.deferred: dict[bytes, Message] = {}
+        self._deferred_heap: list[tuple[float, int, Message]] = []
+        self._seq = itertools.count()
+        self._next_deadline = INF
+
+        self.clients: dict[int, ClientV2] = {}
+        self._ready: deque[ClientV2] = deque()
+        self._backend_turn = False
+        self._pumping = False
+
+        self.paused = False
+        self.exiting = False
+        self.message_count = 0
+        self.requeue_count = 0
+        self.timeout_count = 0
+
+    def __repr__(self) -> str:
+        return f"Channel({self.topic_name}:{self.name})"
+
+    # ------------------------------------------------------------ depth
+
+    def depth(self) -> int:
+        return len(self.memory) + self.backend.depth()
+
+    # ------------------------------------------------------------ putting
+
+    def put_messages(self, msgs: list[Message]) -> None:
+        """Messages arriving from the topic (raises BackendError if the
+        overflow cannot be stored)."""
+        if self.exiting:
+            raise ChannelExiting(self.name)
+        self.message_count += len(msgs)
+        now = None
+        plain = msgs
+        if any(m.deferred for m in msgs):
+            now = self._clock()
+            plain = []
+            for m in msgs:
+                if m.deferred:
+                    self._defer(m, now + m.deferred)
+                    m.deferred = 0.0
+                else:
+                    plain.append(m)
+        if plain:
+            self._enqueue(plain)
+            self._pump()
+
+    def _enqueue(self, msgs: list[Message]) -> None:
+        """Into memory up to mem-queue-size, the rest to the backend."""
+        mem = self.memory
+        room = self.mem_queue_size - len(mem)
+        if room >= len(msgs):
+            mem.extend(msgs)
+            return
+        if room > 0:
+            mem.extend(msgs[:room])
+            msgs = msgs[room:]
+        self.backend.put_many([m.encode() for m in msgs])
+
+    def _requeue(self, msg: Message) -> None:
+        """A message back from a client (REQ 0, timeout, disconnect)."""
+        msg.client = None
+        if len(self.memory) < self.mem_queue_size:
+            self.memory.append(msg)
+        else:
+            try:
+                self.backend.put(msg.encode())
+            except Exception:
+                # keep it rather than lose it: memory may exceed its bound briefly
+                log.warning("backend write failed on requeue, keeping message in memory", channel=self.name, topic=self.topic_name)
+                self.memory.append(msg)
+
+    # ------------------------------------------------------------ delivery
+
+    def _pop(self) -> Message | None:
+        """Next message, alternating memory and backend so neither starves."""
+        mem = self.memory
+        backend = self.backend
+        while True:
+            use_backend = backend.depth() > 0 and (not mem or self._backend_turn)
+            if use_backend:
+                self._backend_turn = False
+                data = backend.get()
+                if data is None:
+                    if not mem:
+                        return None
+                    continue
+                try:
+                    return Message.decode(data)
+                except ValueError:
+                    log.error("failed to decode message from backend", channel=self.name, topic=self.topic_name)
+                    continue
+            if mem:
+                self._backend_turn = True
+                return mem.popleft()
+            return None
+
+    def _pump(self) -> None:
+        """Push queued messages to ready clients until one side runs out."""
+        if self._pumping or self.paused:
+            return
+        ready = self._ready
+        if not ready:
+            return
+        self._pumping = True
+        try:
+            mem = self.memory
+            backend = self.backend
+            now = None
+            while ready and (mem or backend.depth() > 0):
+                client = ready[0]
+                if not client.can_receive():
+                    ready.popleft()
+                    client.in_ready_queue = False
+                    client.flush_now = True
+                    client.wakeup()
+                    continue
+                msg = self._pop()
+                if msg is None:
+                    break
+                if client.sample_rate and client.sampled_out():
+                    continue
+                if now is None:
+                    now = self._clock()
+                self._start_in_flight(msg, client, now)
+                client.deliver(msg)
+                # round-robin between competing consumers
+                if len(ready) > 1:
+                    ready.rotate(-1)
+        finally:
+            self._pumping = False
+
+    def _start_in_flight(self, msg: Message, client: ClientV2, now: float) -> None:
+        msg.attempts += 1
+        msg.client = client
+        msg.delivered_at = now
+        deadline = now + client.msg_timeout
+        msg.deadline = deadline
+        self.in_flight[msg.id] = msg
+        heap = self._in_flight_heap
+        heapq.heappush(heap, (deadline, next(self._seq), msg))
+        if len(heap) > 2 * len(self.in_flight) + 1024:
+            self._compact_in_flight_heap()
+        if deadline < self._next_deadline:
+            self._set_next_deadline(deadline)
+
+    def _compact_in_flight_heap(self) -> None:
+        # FIN'd messages leave stale heap entries; rebuild from the live set
+        self._in_flight_heap = [(m.deadline, next(self._seq), m) for m in self.in_flight.values()]
+        heapq.heapify(self._in_flight_heap)
+
+    def _set_next_deadline(self, deadline: float) -> None:
+        self._next_deadline = deadline
+        if self._on_deadline is not None:
+            self._on_deadline(deadline)
+
+    def client_ready_changed(self, client: ClientV2) -> None:
+        """RDY changed or a message left the client's window."""
+        if client.can_receive() and not self.paused:
+            if not client.in_ready_queue:
+                client.in_ready_queue = True
+                self._ready.append(client)
+            self._pump()
+        else:
+            # nsqd flushes a client the moment it stops being ready
+            if client.out:
+                client.flush_now = True
+                client.wakeup()
+
+    # ------------------------------------------------------------ clients
+
+    def add_client(self, client: ClientV2) -> None:
+        if self.exiting:
+            raise ChannelExiting(self.name)
+        if client.id in self.clients:
+            return
+        limit = self.max_channel_consumers
+        if limit and len(self.clients) >= limit:
+            raise TooManyConsumers(f"consumers for {self.topic_name}:{self.name} exceeds limit of {limit}")
+        self.clients[client.id] = client
+        client.channel = self
+        self.client_ready_changed(client)
+
+    def remove_client(self, client: ClientV2) -> None:
+        if self.clients.pop(client.id, None) is None:
+            return
+        if client.in_ready_queue:
+            try:
+                self._ready.remove(client)
+            except ValueError:
+                pass
+            client.in_ready_queue = False
+        # nsqd leaves a gone client's messages to time out; handing them to
+        # the remaining consumers at once loses nothing and is faster
+        owned = [m for m in self.in_flight.values() if m.client is client]
+        for msg in owned:
+            del self.in_flight[msg.id]
+            self._requeue(msg)
+        client.in_flight_count = 0
+        if self.ephemeral and not self.clients and not self.exiting:
+            if self._on_delete is not None:
+                self._on_delete(self)
+            return
+        if owned:
+            self._pump()
+
+    # ------------------------------------------------------------ FIN / REQ / TOUCH
+
+    def _pop_in_flight(self, client: ClientV2, msg_id: bytes) -> Message:
+        msg = self.in_flight.get(msg_id)
+        if msg is None:
+            raise ChannelError("ID not in flight")
+        if msg.client is not client:
+            raise ChannelError("client does not own message")
+        del self.in_flight[msg_id]
+        return msg
+
+    def finish(self, client: ClientV2, msg_id: bytes) -> None:
+        msg = self._pop_in_flight(client, msg_id)
+        client.message_done()
+        client.finish_count += 1
+        if self.e2e is not None:
+            self.e2e.add(time.time_ns() - msg.timestamp)
+        self.client_ready_changed(client)
+
+    def requeue(self, client: ClientV2, msg_id: bytes, delay: float) -> None:
+        msg = self._pop_in_flight(client, msg_id)
+        client.message_done()
+        client.requeue_count += 1
+        self.requeue_count += 1
+        if delay > 0:
+            self._defer(msg, self._clock() + delay)
+        else:
+            self._requeue(msg)
+        self.client_ready_changed(client)
+
+    def touch(self, client: ClientV2, msg_id: bytes) -> None:
+        msg = self.in_flight.get(msg_id)
+        if msg is None:
+            raise ChannelError("ID not in flight")
+        if msg.client is not client:
+            raise ChannelError("client does not own message")
+        now = self._clock()
+        deadline = min(now + client.msg_timeout, msg.delivered_at + self.max_msg_timeout)
+        msg.deadline = deadline
+        heapq.heappush(self._in_flight_heap, (deadline, next(self._seq), msg))
+        if len(self._in_flight_heap) > 2 * len(self.in_flight) + 1024:
+            self._compact_in_flight_heap()
+
+    # ------------------------------------------------------------ deferred
+
+    def _defer(self, msg: Message, due: float) -> None:
+        msg.client = None
+        msg.due = due
+        self.deferred[msg.id] = msg
+        heapq.heappush(self._deferred_heap, (due, next(self._seq), msg))
+        if due < self._next_deadline:
+            self._set_next_deadline(due)
+
+    def put_deferred(self, msg: Message, delay: float) -> None:
+        self.message_count += 1
+        self._defer(msg, self._clock() + delay)
+
+    # ------------------------------------------------------------ timers
+
+    def process_timeouts(self, now: float) -> float:
+        """Requeue expired in-flight messages and release due deferred ones.
+
+        Returns the next time this must run (``inf`` if nothing is pending)."""
+        touched: set[ClientV2] = set()
+        heap = self._in_flight_heap
+        in_flight = self.in_flight
+        requeued = False
+        while heap and heap[0][0] <= now:
+            deadline, _, msg = heapq.heappop(heap)
+            if in_flight.get(msg.id) is not msg or msg.deadline != deadline:
+                continue  # finished, requeued or touched since
+            del in_flight[msg.id]
+            self.timeout_count += 1
+            client = msg.client
+            if client is not None:
+                client.message_done()
+                touched.add(client)
+            self._requeue(msg)
+            requeued = True
+        dheap = self._deferred_heap
+        deferred = self.deferred
+        while dheap and dheap[0][0] <= now:
+            due, _, msg = heapq.heappop(dheap)
+            if deferred.get(msg.id) is not msg or msg.due != due:
+                continue
+            del deferred[msg.id]
+            self._requeue(msg)
+            requeued = True
+        for client in touched:
+            if client.channel is self:
+                self.client_ready_changed(client)
+        if requeued:
+            self._pump()
+        # stale entries at the top would make the timer fire for nothing
+        while heap and (in_flight.get(heap[0][2].id) is not heap[0][2] or heap[0][2].deadline != heap[0][0]):
+            heapq.heappop(heap)
+        while dheap and (deferred.get(dheap[0][2].id) is not dheap[0][2] or dheap[0][2].due != dheap[0][0]):
+            heapq.heappop(dheap)
+        nxt = min(heap[0][0] if heap else INF, dheap[0][0] if dheap else INF)
+        self._next_deadline = nxt
+        return nxt
+
+    @property
+    def next_deadline(self) -> float:
+        return self._next_deadline
+
+    # ------------------------------------------------------------ admin
+
+    def pause(self) -> None:
+        self.paused = True
+        for client in self.clients.values():
+            if client.out:
+                client.flush_now = True
+                client.wakeup()
+
+    def unpause(self) -> None:
+        self.paused = False
+        for client in self.clients.values():
+            self.client_ready_changed(client)
+        self._pump()
+
+    def empty(self) -> None:
+        """Drop everything queued, in flight and deferred (nsqd's /channel/empty)."""
+        self.memory.clear()
+        self.backend.empty()
+        self.in_flight.clear()
+        self._in_flight_heap.clear()
+        self.deferred.clear()
+        self._deferred_heap.clear()
+        for client in self.clients.values():
+            client.in_flight_count = 0
+            self.client_ready_changed(client)
+
+    def close_clients(self) -> None:
+        for client in list(self.clients.values()):
+            client.close_connection()
+
+    def delete(self) -> None:
+        """Remove the channel: close its consumers, drop its data."""
+        self.exiting = True
+        self.close_clients()
+        self.memory.clear()
+        self.in_flight.clear()
+        self.deferred.clear()
+        self._in_flight_heap.clear()
+        self._deferred_heap.clear()
+        self.backend.delete()
+
+    def flush_to_backend(self) -> None:
+        """Shutdown: everything unfinished goes to the backend — in-flight
+        messages (they will be redelivered, attempts kept), the memory queue,
+        then deferred messages."""
+        msgs = list(self.in_flight.values()) + list(self.memory) + list(self.deferred.values())
+        self.in_flight.clear()
+        self._in_flight_heap.clear()
+        self.memory.clear()
+        self.deferred.clear()
+        self._deferred_heap.clear()
+        if msgs:
+            self.backend.put_many([m.encode() for m in msgs])
+
+    def stats(self, include_clients: bool = True) -> dict[str, object]:
+        clients = [c.stats() for c in self.clients.values()] if include_clients else []
+        return {
+            "channel_name": self.name,
+            "depth": self.depth(),
+            "backend_depth": self.backend.depth(),
+            "in_flight_count": len(self.in_flight),
+            "deferred_count": len(self.deferred),
+            "message_count": self.message_count,
+            "requeue_count": self.requeue_count,
+            "timeout_count": self.timeout_count,
+            "client_count": len(self.clients),
+            "clients": clients,
+            "paused": self.paused,
+            "e2e_processing_latency": self.e2e.result() if self.e2e is not None else {"count": 0, "percentiles": None},
+        }
+

@@ -1,0 +1,248 @@
+"""nsqd's HTTP API (:4151): publish, stats, topic/channel admin, config.
+
+Status codes and ``{"message": CODE}`` errors as nsqd 1.3.0 answers them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .backend_queue import BackendError
+from .http_server import HTTPError, Request, Response, Router, plain_text, respond
+from .options import config_value
+from .protocol import ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
+from .stats import format_text_stats, memory_stats
+from .topic import Topic, TopicExiting
+
+if TYPE_CHECKING:
+    from .nsqd import NSQD
+
+_TRUE = {"true": True, "1": True, "false": False, "0": False}
+
+
+def make_router(nsqd: NSQD) -> Router:
+    api = HTTPAPI(nsqd)
+    opts = nsqd.options
+    r = Router(default_max_body=max(opts.max_body_size, 1 << 20))
+    r.add("GET", "/ping", api.ping)
+    r.add("GET", "/info", api.info)
+    # nsqd reads one byte past the limit to tell "too big" from "just fits"
+    r.add("POST", "/pub", api.pub, max_body=opts.max_msg_size, too_big="MSG_TOO_BIG")
+    r.add("POST", "/mpub", api.mpub, max_body=opts.max_body_size, too_big="BODY_TOO_BIG")
+    r.add("GET", "/stats", api.stats)
+    r.add("POST", "/topic/create", api.topic_create)
+    r.add("POST", "/topic/delete", api.topic_delete)
+    r.add("POST", "/topic/empty", api.topic_empty)
+    r.add("POST", "/topic/pause", api.topic_pause)
+    r.add("POST", "/topic/unpause", api.topic_pause)
+    r.add("POST", "/channel/create", api.channel_create)
+    r.add("POST", "/channel/delete", api.channel_delete)
+    r.add("POST", "/channel/empty", api.channel_empty)
+    r.add("POST", "/channel/pause", api.channel_pause)
+    r.add("POST", "/channel/unpause", api.channel_pause)
+    r.add(("GET", "PUT"), "/config/*", api.config)
+    extra = getattr(nsqd, "extra_routes", None)
+    if extra is not None:
+        extra(r)
+    return r
+
+
+class HTTPAPI:
+    def __init__(self, nsqd: NSQD) -> None:
+        self.nsqd = nsqd
+
+    # ------------------------------------------------------------ helpers
+
+    def _topic_name(self, req: Request, invalid: str = "INVALID_TOPIC") -> str:
+        name = req.arg("topic")
+        if name is None:
+            raise HTTPError(400, "MISSING_ARG_TOPIC")
+        if not is_valid_topic_name(name):
+            raise HTTPError(400, invalid)
+        return name
+
+    def _existing_topic_and_channel(self, req: Request) -> tuple[Topic, str]:
+        topic_name = self._topic_name(req, "INVALID_ARG_TOPIC")
+        channel_name = req.arg("channel")
+        if channel_name is None:
+            raise HTTPError(400, "MISSING_ARG_CHANNEL")
+        if not is_valid_channel_name(channel_name):
+            raise HTTPError(400, "INVALID_ARG_CHANNEL")
+        topic = self.nsqd.get_existing_topic(topic_name)
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        return topic, channel_name
+
+    def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
+        try:
+            topic.put_messages(msgs)
+        except TopicExiting:
+            raise HTTPError(503, "EXITING") from None
+        except BackendError as exc:
+            self.nsqd.note_put_failure(exc)
+            raise HTTPError(500, failed) from None
+        return respond("OK")
+
+    # ------------------------------------------------------------ endpoints
+
+    async def ping(self, req: Request) -> Response:
+        nsqd = self.nsqd
+        if not nsqd.is_healthy():
+            return plain_text(nsqd.health(), 500)
+        return plain_text("OK")
+
+    async def info(self, req: Request) -> Response:
+        n = self.nsqd
+        o = n.options
+        return respond(
+            {
+                "version": n.version,
+                "broadcast_address": o.broadcast_address,
+                "hostname": n.hostname,
+                "http_port": n.http_port,
+                "tcp_port": n.tcp_port,
+                "start_time": n.start_time,
+                "max_heartbeat_interval": round(o.max_heartbeat_interval * 1e9),
+                "max_output_buffer_size": o.max_output_buffer_size,
+                "max_output_buffer_timeout": round(o.max_output_buffer_timeout * 1e9),
+                "max_deflate_level": o.max_deflate_level,
+                "topology_zone": o.topology_zone,
+                "topology_region": o.topology_region,
+            }
+        )
+
+    async def pub(self, req: Request) -> Response:
+        body = req.body
+        if not body:
+            raise HTTPError(400, "MSG_EMPTY")
+        name = self._topic_name(req)
+        deferred = 0.0
+        if req.has_arg("defer"):
+            try:
+                ms = int(req.arg("defer") or "")
+            except ValueError:
+                raise HTTPError(400, "INVALID_DEFER") from None
+            if ms < 0 or ms > self.nsqd.options.max_req_timeout * 1000:
+                raise HTTPError(400, "INVALID_DEFER")
+            deferred = ms / 1000.0
+        topic = self.nsqd.get_topic(name)
+        return self._put(topic, [topic.new_message(body, deferred)], "PUB_FAILED")
+
+    async def mpub(self, req: Request) -> Response:
+        opts = self.nsqd.options
+        name = self._topic_name(req)
+        binary = _TRUE.get((req.arg("binary") or "").lower(), False)
+        if binary:
+            try:
+                bodies = decode_mpub_body(req.body, opts.max_msg_size, opts.max_body_size)
+            except ProtocolError as err:
+                raise HTTPError(413, err.code[2:]) from None
+        else:
+            bodies = []
+            for line in req.body.split(b"\n"):
+                if not line:
+                    continue  # nsqd silently skips empty lines
+                if len(line) > opts.max_msg_size:
+                    raise HTTPError(413, "MSG_TOO_BIG")
+                bodies.append(line)
+        topic = self.nsqd.get_topic(name)
+        if not bodies:
+            return respond("OK")
+        return self._put(topic, topic.new_messages(bodies), "MPUB_FAILED")
+
+    async def stats(self, req: Request) -> Response:
+        n = self.nsqd
+        fmt = req.arg("format") or "text"
+        topic = req.arg("topic") or None
+        channel = req.arg("channel") or None
+        include_clients = _TRUE.get((req.arg("include_clients") or "").lower(), True)
+        include_mem = _TRUE.get((req.arg("include_mem") or "").lower(), True)
+        stats = n.stats(topic, channel, include_clients)
+        mem = memory_stats() if include_mem else None
+        if fmt != "json":
+            return respond(format_text_stats(n, stats, mem))
+        out = {
+            "version": n.version,
+            "health": n.health(),
+            "start_time": n.start_time,
+            "topics": stats["topics"],
+        }
+        if mem is not None:
+            out["memory"] = mem
+        out["producers"] = stats["producers"]
+        return respond(out)
+
+    async def topic_create(self, req: Request) -> Response:
+        self.nsqd.get_topic(self._topic_name(req))
+        return respond(None)
+
+    async def topic_delete(self, req: Request) -> Response:
+        name = req.arg("topic")
+        if name is None:
+            raise HTTPError(400, "MISSING_ARG_TOPIC")
+        if not self.nsqd.delete_existing_topic(name):
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        return respond(None)
+
+    async def topic_empty(self, req: Request) -> Response:
+        topic = self.nsqd.get_existing_topic(self._topic_name(req))
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        topic.empty()
+        return respond(None)
+
+    async def topic_pause(self, req: Request) -> Response:
+        name = req.arg("topic")
+        if name is None:
+            raise HTTPError(400, "MISSING_ARG_TOPIC")
+        topic = self.nsqd.get_existing_topic(name)
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        if req.path.endswith("unpause"):
+            topic.unpause()
+        else:
+            topic.pause()
+        self.nsqd.metadata_changed()
+        return respond(None)
+
+    async def channel_create(self, req: Request) -> Response:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        topic.get_channel(channel_name)
+        return respond(None)
+
+    async def channel_delete(self, req: Request) -> Response:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        if not topic.delete_existing_channel(channel_name):
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        return respond(None)
+
+    async def channel_empty(self, req: Request) -> Response:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        channel = topic.get_existing_channel(channel_name)
+        if channel is None:
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        channel.empty()
+        return respond(None)
+
+    async def channel_pause(self, req: Request) -> Response:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        channel = topic.get_existing_channel(channel_name)
+        if channel is None:
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        if req.path.endswith("unpause"):
+            channel.unpause()
+        else:
+            channel.pause()
+        self.nsqd.metadata_changed()
+        return respond(None)
+
+    async def config(self, req: Request) -> Response:
+        name = req.path.rsplit("/", 1)[1]
+        nsqd = self.nsqd
+        if req.method == "PUT":
+            return await nsqd.set_config(name, req.body)
+        try:
+            return respond(config_value(nsqd.options, name))
+        except KeyError:
+            raise HTTPError(400, "INVALID_OPTION") from None
+

@@ -1,0 +1,454 @@
+"""The daemon: owns the topics, the listeners and every background task.
+
+``NSQD`` holds the plain (synchronous) state — topics, channels, clients —
+and :meth:`NSQD.run` is the trio edge: it opens the listeners and a nursery
+in which every task of the daemon lives (connections, channel timers, topic
+drains), and shuts down by cancellation followed by a flush.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from . import NSQ_VERSION, version_string
+from .backend_queue import BackendQueue, DummyBackendQueue
+from .channel import Channel
+from .client_v2 import ClientV2
+from .listener import open_listener
+from . import log as logging_setup
+from .http_server import HTTPError, Response, respond
+from .log import LEVELS, get_logger
+from .options import Options, config_value
+from .protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
+from .topic import Topic
+
+# a topic drain hands this many messages to the channels between yields
+DRAIN_STEP = 1000
+
+METADATA_FILE = "nsqd.dat"
+
+
+class DataPathLocked(Exception):
+    pass
+
+
+class _ChannelTimer:
+    """The cancel scopes of one channel's timer task."""
+
+    __slots__ = ("outer", "inner")
+
+    def __init__(self) -> None:
+        self.outer = trio.CancelScope()
+        self.inner: trio.CancelScope | None = None
+
+    def wake_by(self, deadline: float) -> None:
+        inner = self.inner
+        if inner is not None and deadline < inner.deadline:
+            inner.deadline = deadline
+
+
+class NSQD:
+    def __init__(self, options: Options, *, backend_factory: Callable[[str, bool], BackendQueue] | None = None) -> None:
+        self.options = options
+        self.log = get_logger()
+        self.version = NSQ_VERSION
+        self.version_string = version_string("nsqd")
+        self.hostname = socket.gethostname()
+        self.data_path = options.data_path or os.getcwd()
+        self.topics: dict[str, Topic] = {}
+        self.clients: dict[int, ClientV2] = {}
+        self._client_seq = 0
+        self.start_time = int(time.time())
+        self.health_error: str | None = None
+        self._backend_factory = backend_factory or self._default_backend
+        self._nursery: trio.Nursery | None = None
+        self._timers: dict[int, _ChannelTimer] = {}
+        self._draining: set[str] = set()
+        self.tcp_address = ""
+        self.http_address = ""
+        self.https_address = ""
+        self.tcp_port = 0
+        self.http_port = 0
+        self.https_port = 0
+        # set by the TLS/auth layers when configured
+        self.tls_enabled = False
+        self.auth: Any | None = None
+        self.exiting = False
+        self._sync_due: set[BackendQueue] = set()
+        self._sync_locks: dict[int, trio.Lock] = {}
+        self._lock_fd: int | None = None
+        self._loading = False
+        # called after PUT /config changes options (the lookupd connections)
+        self.options_changed_hooks: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def tls_required_for_tcp(self) -> bool:
+        return self.options.tls_required != "false"
+
+    def is_healthy(self) -> bool:
+        return self.health_error is None
+
+    def health(self) -> str:
+        return "OK" if self.health_error is None else f"NOK - {self.health_error}"
+
+    def note_put_failure(self, exc: Exception) -> None:
+        from .backend_queue import BackendError
+
+        if isinstance(exc, BackendError):
+            self.health_error = str(exc)
+
+    def note_put_success(self) -> None:
+        self.health_error = None
+
+    # ------------------------------------------------------------ durability
+
+    def _mark_sync_due(self, backend: BackendQueue) -> None:
+        self._sync_due.add(backend)
+
+    def sync_pending(self) -> bool:
+        return bool(self._sync_due)
+
+    async def sync_due_queues(self) -> None:
+        """Sync every queue that reached --sync-every, off the event loop.
+
+        Connections call this after a batch of commands and before their
+        replies go out, so one fsync covers many publishes (group commit)."""
+        due, self._sync_due = self._sync_due, set()
+        for backend in due:
+            prepare = getattr(backend, "prepare_sync", None)
+            if prepare is None:
+                backend.sync()
+                continue
+            job = prepare()
+            lock = self._sync_locks.setdefault(id(backend), trio.Lock())
+            async with lock:
+                await trio.to_thread.run_sync(job)
+
+    async def _sync_ticker(self) -> None:
+        """--sync-timeout: make dirty queues durable even when idle."""
+        while True:
+            await trio.sleep(self.options.sync_timeout)
+            for backend in self._all_backends():
+                if getattr(backend, "dirty", False):
+                    self._sync_due.add(backend)
+            if self._sync_due:
+                await self.sync_due_queues()
+
+    def _all_backends(self) -> list[BackendQueue]:
+        out: list[BackendQueue] = []
+        for topic in self.topics.values():
+            out.append(topic.backend)
+            out.extend(c.backend for c in topic.channels.values())
+        return out
+
+    def lock_data_path(self) -> None:
+        """flock the data directory as nsqd does, so a second daemon refuses it."""
+        os.makedirs(self.data_path, exist_ok=True)
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DataPathLocked(f"--data-path={self.data_path} in use (possibly by another instance of nsqd)") from None
+            raise
+        self._lock_fd = fd
+
+    def unlock_data_path(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def metadata(self) -> dict[str, Any]:
+        topics = []
+        for name, topic in sorted(self.topics.items()):
+            if topic.ephemeral:
+                continue
+            channels = [
+                {"name": cname, "paused": c.paused}
+                for cname, c in sorted(topic.channels.items())
+                if not c.ephemeral
+            ]
+            topics.append({"name": name, "paused": topic.paused, "channels": channels})
+        return {"topics": topics, "version": NSQ_VERSION}
+
+    def persist_metadata(self) -> None:
+        """Write nsqd.dat atomically (tmp + fsync + rename), nsqd's format."""
+        if self._loading:
+            return
+        path = os.path.join(self.data_path, METADATA_FILE)
+        tmp = f"{path}.{random.getrandbits(63)}.tmp"
+        data = json.dumps(self.metadata()).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def metadata_changed(self) -> None:
+        try:
+            self.persist_metadata()
+        except OSError as exc:
+            self.log.error("failed to persist metadata", error=str(exc))
+
+    def load_metadata(self) -> None:
+        path = os.path.join(self.data_path, METADATA_FILE)
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            return
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"failed to parse metadata in {path} - {exc}") from None
+        self._loading = True
+        try:
+            for t in data.get("topics") or []:
+                name = t.get("name", "")
+                if not is_valid_topic_name(name):
+                    self.log.warning("skipping creation of invalid topic", topic=name)
+                    continue
+                topic = self.get_topic(name)
+                if t.get("paused"):
+                    topic.pause()
+                for c in t.get("channels") or []:
+                    cname = c.get("name", "")
+                    if not is_valid_channel_name(cname):
+                        self.log.warning("skipping creation of invalid channel", topic=name, channel=cname)
+                        continue
+                    channel = topic.get_channel(cname)
+                    if c.get("paused"):
+                        channel.pause()
+        finally:
+            self._loading = False
+
+    # ------------------------------------------------------------ config
+
+    async def set_config(self, name: str, body: bytes) -> Response:
+        """``PUT /config/<name>``: the two options nsqd lets you change live."""
+        if not body or len(body) > self.options.max_msg_size:
+            raise HTTPError(413, "INVALID_VALUE")
+        if name == "nsqlookupd_tcp_addresses":
+            try:
+                value = json.loads(body)
+            except ValueError:
+                raise HTTPError(400, "INVALID_VALUE") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise HTTPError(400, "INVALID_VALUE")
+            self.options.lookupd_tcp_addresses = value
+            for hook in self.options_changed_hooks:
+                hook()
+        elif name == "log_level":
+            level = body.decode(errors="replace").strip().lower()
+            if level not in LEVELS:
+                raise HTTPError(400, "INVALID_VALUE")
+            self.options.log_level = level
+            o = self.options
+            logging_setup.configure(app="nsqd", prefix=o.log_prefix, level=level, fmt=o.log_format)
+        else:
+            raise HTTPError(400, "INVALID_OPTION")
+        return respond(config_value(self.options, name))
+
+    # ------------------------------------------------------------ backends
+
+    def _default_backend(self, name: str, ephemeral: bool) -> BackendQueue:
+        if ephemeral:
+            return DummyBackendQueue()
+        try:
+            from .disk_queue import DiskQueue
+        except ImportError:  # pragma: no cover - only while the disk queue is absent
+            return DummyBackendQueue()
+        o = self.options
+        return DiskQueue(
+            name,
+            self.data_path,
+            max_bytes_per_file=o.max_bytes_per_file,
+            min_msg_size=26,
+            max_msg_size=o.max_msg_size + 26,
+            sync_every=o.sync_every,
+            on_sync_due=self._mark_sync_due,
+        )
+
+    # ------------------------------------------------------------ topics
+
+    def get_topic(self, name: str) -> Topic:
+        topic = self.topics.get(name)
+        if topic is not None and not topic.exiting:
+            return topic
+        topic = Topic(
+            name,
+            backend=self._backend_factory(name, is_ephemeral(name)),
+            mem_queue_size=self.options.mem_queue_size,
+            node_id=self.options.node_id,
+            make_channel=self._make_channel,
+            on_backlog=self._start_drain,
+            on_channel_created=self._channel_created,
+            on_channel_deleted=self._channel_deleted,
+            on_empty_ephemeral=lambda t: self.delete_existing_topic(t.name),
+        )
+        self.topics[name] = topic
+        self.log.info("TOPIC: created", topic=name)
+        if not topic.ephemeral:
+            self.metadata_changed()
+        return topic
+
+    def get_existing_topic(self, name: str) -> Topic | None:
+        return self.topics.get(name)
+
+    def delete_existing_topic(self, name: str) -> bool:
+        topic = self.topics.pop(name, None)
+        if topic is None:
+            return False
+        self.log.info("TOPIC: deleting", topic=name)
+        topic.delete()
+        if not topic.ephemeral:
+            self.metadata_changed()
+        return True
+
+    def _make_channel(self, topic: Topic, name: str) -> Channel:
+        timer = _ChannelTimer()
+        channel = Channel(
+            topic.name,
+            name,
+            backend=self._backend_factory(f"{topic.name}:{name}", topic.ephemeral or is_ephemeral(name)),
+            mem_queue_size=self.options.mem_queue_size,
+            max_msg_timeout=self.options.max_msg_timeout,
+            max_channel_consumers=self.options.max_channel_consumers,
+            clock=trio.current_time,
+            on_deadline=timer.wake_by,
+            on_delete=lambda ch: topic.delete_existing_channel(ch.name),
+        )
+        self._timers[id(channel)] = timer
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_channel_timer, channel, timer)
+        return channel
+
+    def _channel_created(self, topic: Topic, channel: Channel) -> None:
+        if not channel.ephemeral and not topic.ephemeral:
+            self.metadata_changed()
+
+    def _channel_deleted(self, topic: Topic, channel: Channel) -> None:
+        timer = self._timers.pop(id(channel), None)
+        if timer is not None:
+            timer.outer.cancel()
+        if not channel.ephemeral and not topic.ephemeral and not topic.exiting:
+            self.metadata_changed()
+
+    async def _run_channel_timer(self, channel: Channel, timer: _ChannelTimer) -> None:
+        """Requeue timed-out and release due deferred messages of one channel."""
+        with timer.outer:
+            while not channel.exiting:
+                with trio.CancelScope(deadline=channel.next_deadline) as inner:
+                    timer.inner = inner
+                    await trio.sleep_forever()
+                timer.inner = None
+                if channel.exiting:
+                    return
+                channel.process_timeouts(trio.current_time())
+
+    def _start_drain(self, topic: Topic) -> None:
+        if topic.name in self._draining or self._nursery is None:
+            return
+        self._draining.add(topic.name)
+        self._nursery.start_soon(self._drain_topic, topic)
+
+    async def _drain_topic(self, topic: Topic) -> None:
+        try:
+            while topic.drain(DRAIN_STEP):
+                await trio.sleep(0)
+        finally:
+            self._draining.discard(topic.name)
+
+    # ------------------------------------------------------------ clients
+
+    def new_client(self, remote_address: str) -> ClientV2:
+        self._client_seq += 1
+        client = ClientV2(self._client_seq, remote_address, self.options)
+        self.clients[client.id] = client
+        return client
+
+    def remove_client(self, client: ClientV2) -> None:
+        self.clients.pop(client.id, None)
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self, topic: str | None = None, channel: str | None = None, include_clients: bool = True) -> dict[str, Any]:
+        topics = [
+            t.stats(channel, include_clients)
+            for name, t in sorted(self.topics.items())
+            if topic is None or name == topic
+        ]
+        producers = []
+        if include_clients:
+            for c in self.clients.values():
+                if c.pub_counts and (topic is None or topic in c.pub_counts):
+                    producers.append(c.stats())
+        return {"topics": topics, "producers": producers}
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled, then shut down cleanly."""
+        from .http_api import make_router
+        from .http_server import serve_http
+        from .tcp import serve_tcp
+
+        opts = self.options
+        tcp_listener, self.tcp_address, self.tcp_port = await open_listener(opts.tcp_address)
+        http_listener, self.http_address, self.http_port = await open_listener(opts.http_address)
+        self.log.info(f"TCP: listening on {self.tcp_address}")
+        self.log.info(f"HTTP: listening on {self.http_address}")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for topic in self.topics.values():
+                    for channel in topic.channels.values():
+                        timer = self._timers.get(id(channel))
+                        if timer is not None:
+                            nursery.start_soon(self._run_channel_timer, channel, timer)
+                nursery.start_soon(self._sync_ticker)
+                await nursery.start(serve_tcp, self, tcp_listener)
+                await nursery.start(serve_http, http_listener, make_router(self))
+                task_status.started(self)
+        finally:
+            self._nursery = None
+            self.exiting = True
+            with trio.CancelScope(shield=True):
+                self.close()
+
+    def close(self) -> None:
+        """The daemon is stopping: persist metadata, move what is only in
+        memory (queued, in flight, deferred) to disk, close every queue."""
+        self.metadata_changed()
+        for topic in self.topics.values():
+            for channel in topic.channels.values():
+                try:
+                    channel.flush_to_backend()
+                    channel.backend.close()
+                except Exception:
+                    self.log.exception("failed to flush channel", topic=topic.name, channel=channel.name)
+            try:
+                topic.flush_to_backend()
+                topic.backend.close()
+            except Exception:
+                self.log.exception("failed to flush topic", topic=topic.name)

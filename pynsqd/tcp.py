@@ -1,0 +1,215 @@
+"""The TCP edge of nsqd: accept connections, check the magic, and move bytes
+between the socket and a :class:`ProtocolV2` — nothing else.
+
+Per connection three tasks share one nursery: the reader (receive, feed,
+process), the writer (flush the client's output buffer by nsqd's rules, one
+``send_all`` per flush) and the heartbeat ticker.  When any of them ends the
+connection is over: the others are cancelled and the channel gets the
+client's in-flight messages back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .protocol import FRAME_TYPE_ERROR, MAGIC_V2, encode_frame
+from .protocol_v2 import Action, Close, ProtocolV2, Upgrade, Authenticate, Reauthorize
+
+if TYPE_CHECKING:
+    from .nsqd import NSQD
+
+RECEIVE_SIZE = 256 * 1024
+MAGIC_TIMEOUT = 30.0
+INF = float("inf")
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ConnectionV2:
+    def __init__(self, nsqd: NSQD, stream: trio.abc.Stream, remote_address: str) -> None:
+        self.nsqd = nsqd
+        self.stream = stream
+        self.client = nsqd.new_client(remote_address)
+        self.proto = ProtocolV2(nsqd, self.client)
+        self._lot = trio.lowlevel.ParkingLot()
+        self.client.wakeup = self._lot.unpark_all
+        self._heartbeat_scope: trio.CancelScope | None = None
+        self._heartbeat_interval = self.client.heartbeat_interval
+        self.log = nsqd.log.bind(client=remote_address)
+
+    async def run(self, initial: bytes) -> None:
+        self.log.info("TCP: new client")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._read_loop, initial, nursery.cancel_scope)
+                await self._write_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.proto.connection_lost()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await self.stream.aclose()
+            self.log.info("TCP: client closed")
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_loop(self, initial: bytes, scope: trio.CancelScope) -> None:
+        client = self.client
+        proto = self.proto
+        stream = self.stream
+        try:
+            if initial:
+                proto.receive_data(initial)
+                await self._process()
+            while not client.closing_connection:
+                interval = client.heartbeat_interval
+                with trio.move_on_after(2 * interval if interval > 0 else INF) as read_scope:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                if read_scope.cancelled_caught:
+                    self.log.warning("TCP: client missed heartbeats, closing", timeout=2 * interval)
+                    break
+                if not data:
+                    break
+                proto.receive_data(data)
+                await self._process()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        finally:
+            # let the writer flush what is left (an error frame...), then stop
+            client.closing_connection = True
+            client.flush_now = True
+            client.wakeup()
+
+    async def _process(self) -> None:
+        proto = self.proto
+        while True:
+            action = proto.process()
+            if action is None:
+                break
+            if isinstance(action, Close):
+                self.client.closing_connection = True
+                break
+            await self._perform(action)
+        nsqd = self.nsqd
+        if nsqd.sync_pending():
+            # acknowledge nothing before it is as durable as --sync-every asks
+            await nsqd.sync_due_queues()
+        if self.client.heartbeat_interval != self._heartbeat_interval:
+            self._reset_heartbeat()
+
+    async def _perform(self, action: Action) -> None:
+        if isinstance(action, Upgrade):
+            await self._flush_now()
+            upgrade = getattr(self.nsqd, "upgrade_stream", None)
+            for kind in action.kinds:
+                if upgrade is None:
+                    raise trio.BrokenResourceError(f"cannot upgrade to {kind}")
+                self.stream = await upgrade(self, kind, action)
+                self.proto.upgraded(kind)
+                await self._flush_now()
+        elif isinstance(action, (Authenticate, Reauthorize)):
+            auth = self.nsqd.auth
+            state, error = await auth.authenticate(self, action)
+            self.proto.auth_done(state, error)
+        else:  # pragma: no cover
+            raise AssertionError(action)
+
+    # ------------------------------------------------------------ writing
+
+    async def _send(self, data: bytes) -> None:
+        # nsqd's write deadline is the heartbeat interval: a consumer that
+        # stops reading for that long is dropped, its messages requeued
+        interval = self.client.heartbeat_interval
+        with trio.fail_after(interval if interval > 0 else 60.0):
+            await self.stream.send_all(data)
+
+    async def _flush_now(self) -> None:
+        data = self.client.take_output()
+        if data:
+            await self._send(data)
+
+    async def _write_loop(self) -> None:
+        client = self.client
+        park = self._lot.park
+        try:
+            while True:
+                if not client.out:
+                    if client.closing_connection:
+                        return
+                    await park()
+                    continue
+                if not client.flush_now and not client.closing_connection:
+                    with trio.move_on_after(client.output_buffer_timeout):
+                        while not client.flush_now:
+                            await park()
+                data = client.take_output()
+                if data:
+                    await self._send(data)
+        except trio.TooSlowError:
+            self.log.warning("TCP: write timed out, closing slow client")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def _heartbeats(self) -> None:
+        client = self.client
+        while True:
+            interval = client.heartbeat_interval
+            self._heartbeat_interval = interval
+            with trio.CancelScope(deadline=trio.current_time() + interval if interval > 0 else INF) as scope:
+                self._heartbeat_scope = scope
+                await trio.sleep_forever()
+            self._heartbeat_scope = None
+            if client.heartbeat_interval > 0 and client.heartbeat_interval == interval:
+                client.send_heartbeat()
+
+    def _reset_heartbeat(self) -> None:
+        # IDENTIFY changed the interval: restart the ticker with it
+        scope = self._heartbeat_scope
+        if scope is not None:
+            scope.cancel()
+
+
+async def handle_connection(nsqd: NSQD, stream: trio.SocketStream) -> None:
+    remote = _peer(stream)
+    buf = b""
+    try:
+        with trio.move_on_after(MAGIC_TIMEOUT):
+            while len(buf) < 4:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                buf += data
+        if len(buf) < 4:
+            await stream.aclose()
+            return
+        if buf[:4] != MAGIC_V2:
+            nsqd.log.error("client bad protocol magic", client=remote, magic=repr(buf[:4]))
+            with trio.move_on_after(1):
+                await stream.send_all(encode_frame(FRAME_TYPE_ERROR, b"E_BAD_PROTOCOL"))
+            await stream.aclose()
+            return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        await stream.aclose()
+        return
+    if nsqd.exiting:
+        await stream.aclose()
+        return
+    await ConnectionV2(nsqd, stream, remote).run(buf[4:])
+
+
+async def serve_tcp(nsqd: NSQD, listener: trio.SocketListener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_connection(nsqd, stream)
+
+    await trio.serve_listeners(handler, [listener], task_status=task_status)

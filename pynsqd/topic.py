@@ -1,0 +1,237 @@
+"""A topic: the stream publishers write to, fanned out to every channel.
+
+nsqd runs a pump goroutine per topic that copies each message to every
+channel.  Here the fan-out happens synchronously inside the publish call when
+the topic has channels and no backlog, which costs no task switch per
+message.  A topic with no channels (or paused) holds messages in its own
+memory queue and backend; once it can deliver again ``drain()`` moves that
+backlog to the channels in bounded steps (the daemon runs it in a task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .backend_queue import BackendQueue
+from .channel import Channel
+from .guid import GuidFactory
+from .log import get_logger
+from .message import Message
+from .protocol import is_ephemeral
+
+if TYPE_CHECKING:
+    from .e2e import LatencyStream
+
+log = get_logger()
+
+
+class TopicExiting(Exception):
+    pass
+
+
+class Topic:
+    def __init__(
+        self,
+        name: str,
+        *,
+        backend: BackendQueue,
+        mem_queue_size: int,
+        node_id: int,
+        make_channel: Callable[[Topic, str], Channel],
+        on_backlog: Callable[[Topic], None] | None = None,
+        on_channel_created: Callable[[Topic, Channel], None] | None = None,
+        on_channel_deleted: Callable[[Topic, Channel], None] | None = None,
+        on_empty_ephemeral: Callable[[Topic], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.ephemeral = is_ephemeral(name)
+        self.backend = backend
+        self.mem_queue_size = mem_queue_size
+        self.guid = GuidFactory(node_id)
+        self._make_channel = make_channel
+        # the daemon starts a drain task when a backlog can be delivered
+        self._on_backlog = on_backlog
+        self._on_channel_created = on_channel_created
+        self._on_channel_deleted = on_channel_deleted
+        self._on_empty_ephemeral = on_empty_ephemeral
+
+        self.channels: dict[str, Channel] = {}
+        self.memory: deque[Message] = deque()
+        self.paused = False
+        self.exiting = False
+        self.message_count = 0
+        self.message_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"Topic({self.name})"
+
+    # ------------------------------------------------------------ ids
+
+    def new_message(self, body: bytes, deferred: float = 0.0) -> Message:
+        return Message(self.guid.new_id(), body, time.time_ns(), 0, deferred)
+
+    def new_messages(self, bodies: list[bytes]) -> list[Message]:
+        ts = time.time_ns()
+        return [Message(i, b, ts) for i, b in zip(self.guid.new_ids(len(bodies)), bodies)]
+
+    # ------------------------------------------------------------ publishing
+
+    def depth(self) -> int:
+        return len(self.memory) + self.backend.depth()
+
+    def has_backlog(self) -> bool:
+        return bool(self.memory) or self.backend.depth() > 0
+
+    def can_deliver(self) -> bool:
+        return bool(self.channels) and not self.paused
+
+    def put_messages(self, msgs: list[Message]) -> None:
+        """Accept published messages; raises TopicExiting or BackendError
+        (in which case nothing was accepted)."""
+        if self.exiting:
+            raise TopicExiting(self.name)
+        if self.channels and not self.paused and not self.memory and self.backend.depth() == 0:
+            self._fan_out(msgs)
+        else:
+            self._store(msgs)
+            if self.can_deliver() and self._on_backlog is not None:
+                self._on_backlog(self)
+        self.message_count += len(msgs)
+        self.message_bytes += sum(len(m.body) for m in msgs)
+
+    def _store(self, msgs: list[Message]) -> None:
+        mem = self.memory
+        room = self.mem_queue_size - len(mem)
+        if room >= len(msgs):
+            mem.extend(msgs)
+            return
+        spill = msgs[room:] if room > 0 else msgs
+        # the backend write is the one step that can fail: do it first so a
+        # failure leaves nothing half-accepted
+        self.backend.put_many([m.encode() for m in spill])
+        if room > 0:
+            mem.extend(msgs[:room])
+
+    def _fan_out(self, msgs: list[Message]) -> None:
+        channels = list(self.channels.values())
+        for i, channel in enumerate(channels):
+            batch = msgs if i == 0 else [m.copy() for m in msgs]
+            if channel.exiting:
+                continue
+            channel.put_messages(batch)
+
+    def drain(self, limit: int = 1000) -> bool:
+        """Move up to ``limit`` backlog messages to the channels.  Returns True
+        while there is more to move."""
+        if not self.can_deliver() or self.exiting:
+            return False
+        batch: list[Message] = []
+        mem = self.memory
+        backend = self.backend
+        from_backend = False
+        while len(batch) < limit:
+            # alternate memory and backend so that neither starves
+            from_backend = not from_backend
+            if backend.depth() > 0 and (from_backend or not mem):
+                data = backend.get()
+                if data is None:
+                    break
+                try:
+                    batch.append(Message.decode(data))
+                except ValueError:
+                    log.error("failed to decode message from backend", topic=self.name)
+            elif mem:
+                batch.append(mem.popleft())
+            else:
+                break
+        if batch:
+            self._fan_out(batch)
+        return self.has_backlog()
+
+    # ------------------------------------------------------------ channels
+
+    def get_channel(self, name: str) -> Channel:
+        channel = self.channels.get(name)
+        if channel is not None:
+            return channel
+        channel = self._make_channel(self, name)
+        self.channels[name] = channel
+        log.info("new channel", topic=self.name, channel=name)
+        if self._on_channel_created is not None:
+            self._on_channel_created(self, channel)
+        if self.has_backlog() and self.can_deliver() and self._on_backlog is not None:
+            self._on_backlog(self)
+        return channel
+
+    def get_existing_channel(self, name: str) -> Channel | None:
+        return self.channels.get(name)
+
+    def delete_existing_channel(self, name: str) -> bool:
+        channel = self.channels.pop(name, None)
+        if channel is None:
+            return False
+        log.info("deleting channel", topic=self.name, channel=name)
+        channel.delete()
+        if self._on_channel_deleted is not None:
+            self._on_channel_deleted(self, channel)
+        if self.ephemeral and not self.channels and self._on_empty_ephemeral is not None:
+            self._on_empty_ephemeral(self)
+        return True
+
+    # ------------------------------------------------------------ admin
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def unpause(self) -> None:
+        self.paused = False
+        if self.has_backlog() and self.can_deliver() and self._on_backlog is not None:
+            self._on_backlog(self)
+
+    def empty(self) -> None:
+        self.memory.clear()
+        self.backend.empty()
+
+    def flush_to_backend(self) -> None:
+        """Shutdown: the memory queue goes to the backend."""
+        if self.memory:
+            msgs = list(self.memory)
+            self.memory.clear()
+            self.backend.put_many([m.encode() for m in msgs])
+
+    def delete(self) -> None:
+        self.exiting = True
+        for name in list(self.channels):
+            channel = self.channels.pop(name)
+            channel.delete()
+            if self._on_channel_deleted is not None:
+                self._on_channel_deleted(self, channel)
+        self.memory.clear()
+        self.backend.delete()
+
+    def stats(self, channel_filter: str | None = None, include_clients: bool = True) -> dict[str, object]:
+        channels = [
+            c.stats(include_clients)
+            for name, c in sorted(self.channels.items())
+            if channel_filter is None or name == channel_filter
+        ]
+        return {
+            "topic_name": self.name,
+            "channels": channels,
+            "depth": self.depth(),
+            "backend_depth": self.backend.depth(),
+            "message_count": self.message_count,
+            "message_bytes": self.message_bytes,
+            "paused": self.paused,
+            "e2e_processing_latency": _aggregate_e2e([c.e2e for c in self.channels.values()]),
+        }
+
+
+def _aggregate_e2e(streams: list[LatencyStream | None]) -> dict[str, object]:
+    live = [s for s in streams if s is not None]
+    if not live:
+        return {"count": 0, "percentiles": None}
+    return live[0].merged_result(live)
