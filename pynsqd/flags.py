@@ -20,39 +20,50 @@ import attrs
 
 # ---------------------------------------------------------------- durations
 
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+_DURATION_UNITS = {  # in nanoseconds, as Go's time package
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5
+    "μs": 1_000,  # U+03BC
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|µs|μs|ms|s|m|h)")
+_MAX_DURATION_NS = (1 << 63) - 1
 
 
 def parse_duration(text: str) -> float:
-    """Go's ``time.ParseDuration`` -> seconds (``"1m30s"``, ``"250ms"``, ``"0"``)."""
+    """Go's ``time.ParseDuration`` -> seconds (``"1m30s"``, ``"250ms"``, ``"0"``).
+
+    Summed in integer nanoseconds as Go does (fractions below 1ns truncated),
+    so the result is the float nearest the exact duration.
+    """
     s = text.strip()
-    sign = 1.0
+    sign = 1
     if s[:1] in ("+", "-"):
-        sign = -1.0 if s[0] == "-" else 1.0
+        sign = -1 if s[0] == "-" else 1
         s = s[1:]
     if s == "0":
         return 0.0
     if not s:
         raise ValueError(f"invalid duration {text!r}")
-    total = 0.0
+    total = 0
     pos = 0
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
-        if m is None:
+        if m is None or not (m.group(1) or m.group(2)):
             raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        whole, frac, unit_name = m.group(1), m.group(2) or "", m.group(3)
+        unit = _DURATION_UNITS[unit_name]
+        total += int(whole or "0") * unit
+        if frac:
+            total += int(frac) * unit // 10 ** len(frac)
+        if total > _MAX_DURATION_NS:
+            raise ValueError(f"invalid duration {text!r}")
         pos = m.end()
-    return sign * total
+    return sign * total / 1e9
 
 
 def format_duration(seconds: float) -> str:
@@ -262,6 +273,8 @@ def parse_flags(flags: Sequence[Flag], argv: Sequence[str]) -> ParsedFlags:
             converted = flag.convert(value)
         except (ValueError, TypeError) as exc:
             detail = str(exc) if flag.choices or flag.parse else "parse error"
+            if flag.bool_like:  # Go words a boolean flag's bad value differently
+                raise FlagError(f'invalid boolean value "{value}" for -{name}: {detail}') from None
             raise FlagError(f'invalid value "{value}" for flag -{name}: {detail}') from None
         if flag.is_list:
             current = values.setdefault(flag.attr, [])

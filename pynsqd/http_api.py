@@ -115,7 +115,8 @@ class HTTPAPI:
         body = req.body
         if not body:
             raise HTTPError(400, "MSG_EMPTY")
-        name = self._topic_name(req)
+        # nsqd creates the topic before it looks at ?defer
+        topic = self.nsqd.get_topic(self._topic_name(req))
         deferred = 0.0
         if req.has_arg("defer"):
             try:
@@ -125,7 +126,6 @@ class HTTPAPI:
             if ms < 0 or ms > self.nsqd.options.max_req_timeout * 1000:
                 raise HTTPError(400, "INVALID_DEFER")
             deferred = ms / 1000.0
-        topic = self.nsqd.get_topic(name)
         return self._put(topic, [topic.new_message(body, deferred)], "PUB_FAILED")
 
     async def mpub(self, req: Request) -> Response:

@@ -144,6 +144,18 @@ def _encode_response(conn: h11.Connection, response: Response, method: str, extr
     return out
 
 
+async def _discard_body(stream: trio.abc.Stream, budget: int, timeout: float = 5.0) -> None:
+    """Read and drop what the client is still sending after an early 413, so
+    that a client writing its whole body before reading sees the answer
+    instead of a reset connection."""
+    with trio.move_on_after(timeout):
+        while budget > 0:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            budget -= len(data)
+
+
 async def serve_http_connection(
     stream: trio.abc.Stream,
     router: Router,
@@ -196,6 +208,7 @@ async def serve_http_connection(
                 if route is not None and content_length is not None and content_length > limit:
                     # refuse before reading, then close: the body is unread
                     await send(_encode_response(conn, respond_error(413, route.too_big), method, extra + [(b"Connection", b"close")]))
+                    await _discard_body(stream, min(content_length, 4 * limit + RECEIVE_SIZE))
                     return
                 chunks = []
                 size = 0
@@ -208,6 +221,7 @@ async def serve_http_connection(
                         if size > limit:
                             too_big = route.too_big if route else "BODY_TOO_BIG"
                             await send(_encode_response(conn, respond_error(413, too_big), method, extra + [(b"Connection", b"close")]))
+                            await _discard_body(stream, 4 * limit + RECEIVE_SIZE)
                             return
                         chunks.append(bytes(ev.data))
                     elif isinstance(ev, h11.EndOfMessage):

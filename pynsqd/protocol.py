@@ -70,7 +70,9 @@ class ProtocolError(Exception):
 
 
 def is_valid_name(name: str) -> bool:
-    return 0 < len(name) <= 64 and _NAME_RE.match(name) is not None
+    # fullmatch, not match: Python's ``$`` also matches before a trailing
+    # newline, Go's does not ("foo\n" is not a valid name)
+    return 0 < len(name) <= 64 and _NAME_RE.fullmatch(name) is not None
 
 
 is_valid_topic_name = is_valid_name

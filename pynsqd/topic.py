@@ -116,11 +116,10 @@ class Topic:
             mem.extend(msgs[:room])
 
     def _fan_out(self, msgs: list[Message]) -> None:
-        channels = list(self.channels.values())
-        for i, channel in enumerate(channels):
-            batch = msgs if i == 0 else [m.copy() for m in msgs]
-            if channel.exiting:
-                continue
+        channels = [c for c in self.channels.values() if not c.exiting]
+        # copy before the first channel can deliver (and so change) the originals
+        batches = [msgs] + [[m.copy() for m in msgs] for _ in channels[1:]]
+        for channel, batch in zip(channels, batches):
             channel.put_messages(batch)
 
     def drain(self, limit: int = 1000) -> bool:

@@ -1,0 +1,700 @@
+"""A FIFO of byte records on disk, in go-diskqueue's format (Go nsqd 1.3.0).
+
+Layout, shared with Go so either daemon can take over the other's data dir::
+
+    <data_path>/<name>.diskqueue.000000.dat   records: [int32 BE length][payload]
+    <data_path>/<name>.diskqueue.meta.dat     "%d\\n%d,%d\\n%d,%d\\n" =
+        depth, readFileNum,readPos, writeFileNum,writePos
+
+A record goes to a fresh file when ``writePos > 0`` and it would take the file
+past ``max_bytes_per_file`` (a record larger than that gets a file of its own).
+A file is read to the end of its records, then deleted.
+
+Durability (group commit): put/get never fsync.  The owner calls ``sync()``,
+or ``prepare_sync()`` on the event loop and runs the returned closure in a
+worker thread, when ``sync_due`` (after a batch of commands, before replying)
+or ``dirty`` (periodic tick).  The closure fsyncs the data written before it
+was prepared, then atomically replaces the metadata with the positions of that
+moment, and only then deletes the files those positions have moved past: a
+crash at any step leaves either the old metadata and every file it names, or
+the new one.
+
+Recovery does not trust the metadata beyond the read position: at start every
+unread file is scanned, so depth, the write position and a torn or corrupt
+tail are taken from the records themselves.  Good records before a corrupt
+spot are served, new writes go to a fresh file, and a corrupt file is renamed
+``.bad`` once it has been read (never appended to, never renamed in a loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import struct
+import threading
+from itertools import chain
+from typing import Any, Callable
+
+from .backend_queue import BackendError
+from .log import get_logger
+
+_LEN = struct.Struct(">i")  # signed like Go's int32: a negative length is corruption
+_READ_CHUNK = 64 * 1024  # per pread while serving get(); freed once consumed
+_SCAN_CHUNK = 1024 * 1024  # per pread while scanning at start
+_PROBE_LIMIT = 4096  # beyond this many file numbers, list the directory instead of probing
+_META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n?\s*\Z")
+
+_Meta = tuple[int, int, int, int, int]  # depth, read file, read pos, write file, write pos
+
+
+class DiskQueue:
+    """go-diskqueue compatible ``BackendQueue``; see the module docstring.
+
+    Not thread-safe except for the closure from ``prepare_sync()``, which may
+    run in a worker thread while the owner keeps calling put/get.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_path: str,
+        *,
+        max_bytes_per_file: int,
+        min_msg_size: int,
+        max_msg_size: int,
+        sync_every: int,
+        logger: Any = None,
+        on_sync_due: Callable[[DiskQueue], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.data_path = data_path
+        self._max_bytes = max_bytes_per_file
+        self._min = min_msg_size
+        self._max = max_msg_size
+        self._sync_every = max(1, sync_every)
+        self._log = logger if logger is not None else get_logger(queue=name)
+        self._on_sync_due = on_sync_due
+        self._base = f"{name}.diskqueue."
+        self._meta_path = os.path.join(data_path, self._base + "meta.dat")
+        # positions, as persisted
+        self._depth = 0
+        self._rfn = 0
+        self._rpos = 0
+        self._wfn = 0
+        self._wpos = 0
+        # completed files not yet fully read -> end of their good records
+        self._ends: dict[int, int] = {}
+        self._bad: set[int] = set()  # files with a corrupt tail: renamed .bad once read
+        self._wfd: int | None = None
+        self._rfd: int | None = None
+        # read buffer: self._rbuf[self._roff:] are the file's bytes from self._rpos on
+        self._rbuf = b""
+        self._roff = 0
+        # sync bookkeeping
+        self._ops = 0  # records written + read since the last prepare_sync
+        self._force_sync = False  # a file changed hands (roll, read past): sync soon, as Go does
+        self._due_notified = False
+        self._unsynced_files: list[int] = []  # rolled files, fsynced by the next sync
+        self._pending_delete: list[tuple[int, bool]] = []  # (file, bad), read past: delete after the meta
+        self._dir_dirty = False  # a file was created: fsync the directory on sync
+        self._generation = 0  # bumped by empty()/delete(): in-flight syncs must not write their meta
+        self._meta_lock = threading.Lock()  # orders a sync's meta rename against empty()/delete()
+        self._write_failed = False
+        self._sync_failed = False
+        self._closed = False
+        # syscalls that tests replace to inject failures
+        self._pwrite: Callable[[int, Any, int], int] = os.pwrite
+        self._fsync: Callable[[int], None] = os.fsync
+        try:
+            self._recover()
+        except OSError as e:
+            self._close_files()
+            raise BackendError(f"diskqueue {name}: cannot open: {e}") from e
+
+    # ------------------------------------------------------------------ state
+
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def dirty(self) -> bool:
+        """Something was written or read (or a sync failed) since the last sync."""
+        return self._ops > 0 or self._force_sync or self._sync_failed
+
+    @property
+    def sync_due(self) -> bool:
+        """``sync_every`` records went through, or a file was rolled or read past."""
+        return self._ops >= self._sync_every or self._force_sync
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed write (until one succeeds) or a failed sync (until one succeeds)."""
+        return not (self._write_failed or self._sync_failed)
+
+    def _notify_due(self) -> None:
+        if not self._due_notified:
+            self._due_notified = True
+            if self._on_sync_due is not None:
+                self._on_sync_due(self)
+
+    def _file(self, num: int) -> str:
+        return os.path.join(self.data_path, f"{self._base}{num:06d}.dat")
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, data: bytes) -> None:
+        if self._closed:
+            raise BackendError("diskqueue closed")
+        n = len(data)
+        if n < self._min or n > self._max:
+            raise BackendError(f"invalid message write size ({n}) minMsgSize={self._min} maxMsgSize={self._max}")
+        if self._wpos > 0 and self._wpos + 4 + n > self._max_bytes:
+            self._write(self._split([data], [n]), 1)
+        else:
+            self._write([(self._wfn, self._wpos, _LEN.pack(n) + data)], 1)
+
+    def put_many(self, items: list[bytes]) -> None:
+        if self._closed:
+            raise BackendError("diskqueue closed")
+        if not items:
+            return
+        lens = list(map(len, items))
+        lo, hi = min(lens), max(lens)
+        if lo < self._min or hi > self._max:
+            bad = lo if lo < self._min else hi
+            raise BackendError(f"invalid message write size ({bad}) minMsgSize={self._min} maxMsgSize={self._max}")
+        total = sum(lens) + 4 * len(lens)
+        if self._wpos + total <= self._max_bytes:
+            # common case, no roll: one bytes object, one write
+            data = b"".join(chain.from_iterable(zip(map(_LEN.pack, lens), items)))
+            self._write([(self._wfn, self._wpos, data)], len(items))
+        else:
+            self._write(self._split(items, lens), len(items))
+
+    def _split(self, items: list[bytes], lens: list[int]) -> list[tuple[int, int, bytes]]:
+        """Cut a batch at file boundaries: [(file, offset, bytes)], one write per file."""
+        segs: list[tuple[int, int, bytes]] = []
+        num, pos, start = self._wfn, self._wpos, self._wpos
+        parts: list[bytes] = []
+        for data, n in zip(items, lens):
+            size = 4 + n
+            if pos > 0 and pos + size > self._max_bytes:
+                segs.append((num, start, b"".join(parts)))  # may be empty: roll before anything was added
+                num, pos, start, parts = num + 1, 0, 0, []
+            parts.append(_LEN.pack(n))
+            parts.append(data)
+            pos += size
+        segs.append((num, start, b"".join(parts)))
+        return segs
+
+    def _write(self, segs: list[tuple[int, int, bytes]], count: int) -> None:
+        """Write the segments all or nothing, then commit positions and rolls."""
+        fds: list[int | None] = []
+        try:
+            for num, start, data in segs:
+                if not data:  # the batch rolls before its first record
+                    fds.append(None)
+                    continue
+                if num == self._wfn:
+                    if self._wfd is None:
+                        self._wfd = os.open(self._file(num), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                        self._dir_dirty = self._dir_dirty or start == 0
+                    fd = self._wfd
+                else:
+                    # nothing valid can be in a file past the write file: truncate leftovers
+                    fd = os.open(self._file(num), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                fds.append(fd)
+                self._write_all(fd, data, start)
+        except OSError as e:
+            self._undo(segs, fds)
+            self._write_failed = True
+            self._log.error("diskqueue write failed", queue=self.name, file=self._file(self._wfn), error=str(e))
+            raise BackendError(f"diskqueue {self.name}: write failed: {e}") from e
+        for (num, start, data), fd in zip(segs, fds):
+            if num != self._wfn:
+                self._roll_writer()
+                self._wfd = fd
+                self._dir_dirty = True
+            self._wpos = start + len(data)
+        self._depth += count
+        self._ops += count
+        self._write_failed = False
+        if self._ops >= self._sync_every:
+            self._notify_due()
+
+    def _write_all(self, fd: int, data: bytes, pos: int) -> None:
+        # pwrite at our own offset: bytes of a failed write past _wpos get overwritten, never served
+        n = self._pwrite(fd, data, pos)
+        if n == len(data):
+            return
+        view = memoryview(data)
+        done = n
+        while done < len(data):
+            n = self._pwrite(fd, view[done:], pos + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+
+    def _undo(self, segs: list[tuple[int, int, bytes]], fds: list[int | None]) -> None:
+        """Take a failed batch back off the disk, so a restart cannot serve refused records."""
+        for (num, start, _), fd in zip(segs, fds):
+            if fd is None:
+                continue
+            try:
+                if num == self._wfn:
+                    os.ftruncate(fd, start)
+                else:
+                    os.close(fd)
+                    os.unlink(self._file(num))
+            except OSError as e:
+                self._log.error("diskqueue cannot undo a failed write", queue=self.name, file=self._file(num), error=str(e))
+
+    def _roll_writer(self) -> None:
+        """The write file is complete: readers stop at its current end; writing moves to the next."""
+        self._ends[self._wfn] = self._wpos
+        if self._wfd is not None:
+            os.close(self._wfd)
+            self._wfd = None
+        self._unsynced_files.append(self._wfn)
+        self._wfn += 1
+        self._wpos = 0
+        self._force_sync = True
+        self._notify_due()
+        self._log.info("diskqueue rolled to a new file", queue=self.name, file=self._file(self._wfn))
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self) -> bytes | None:
+        buf = self._rbuf
+        off = self._roff
+        if off + 4 <= len(buf):
+            n = _LEN.unpack_from(buf, off)[0]
+            end = off + 4 + n
+            if end <= len(buf) and self._min <= n <= self._max:
+                self._roff = end
+                self._rpos += 4 + n
+                self._depth -= 1
+                self._ops += 1
+                if self._ops == self._sync_every:
+                    self._notify_due()
+                if end == len(buf):
+                    self._drained()
+                return buf[off + 4 : end]
+        return self._get_slow()
+
+    def _drained(self) -> None:
+        # release the chunk; step past a finished file now rather than on the next get()
+        self._rbuf = b""
+        self._roff = 0
+        if self._rfn != self._wfn:
+            if self._rpos >= self._ends.get(self._rfn, 0):
+                self._advance_reader()
+        elif self._rpos >= self._wpos:
+            self._check_tail()
+
+    def _get_slow(self) -> bytes | None:
+        if self._closed:
+            return None
+        while True:
+            if self._rfn != self._wfn and self._rpos >= self._ends.get(self._rfn, 0):
+                self._advance_reader()
+                continue
+            end = self._wpos + 10**6 if self._rfn == self._wfn else self._ends[self._rfn]
+            if self._rpos >= end:
+                self._check_tail()
+                return None
+            status = self._fill(end)
+            if status is True:
+                return self.get()
+            if status is False:
+                return None
+            # corruption was handled (skipped to the next file): try again
+
+    def _fill(self, end: int) -> bool | None:
+        """Buffer one whole record: True, None after skipping a corrupt file, False on an I/O error."""
+        while True:
+            buf, off = self._rbuf, self._roff
+            have = len(buf) - off
+            avail = end - self._rpos
+            if have >= 4:
+                n = _LEN.unpack_from(buf, off)[0]
+                if n < self._min or n > self._max:
+                    return self._skip_corrupt(f"invalid message read size ({n})")
+                need = 4 + n
+                if need > avail:
+                    return self._skip_corrupt("record runs past the end of the file's data")
+                if have >= need:
+                    return True
+            else:
+                need = 4
+                if avail < need:
+                    return self._skip_corrupt("file ends inside a record header")
+            try:
+                if self._rfd is None:
+                    self._rfd = os.open(self._file(self._rfn), os.O_RDONLY | os.O_CLOEXEC)
+                data = os.pread(self._rfd, min(avail - have, max(_READ_CHUNK, need - have)), self._rpos + have)
+            except FileNotFoundError:
+                return self._skip_corrupt("file is missing")
+            except OSError as e:
+                self._log.error("diskqueue read failed", queue=self.name, file=self._file(self._rfn), pos=self._rpos, error=str(e))
+                return False
+            if not data:
+                return self._skip_corrupt("file is shorter than its records")
+            self._rbuf = buf[off:] + data if have else data
+            self._roff = 0
+
+    def _skip_corrupt(self, reason: str) -> None:
+        """Give up on the rest of the read file (someone changed it under us)."""
+        num = self._rfn
+        self._log.error("diskqueue corrupt data, skipping the rest of the file", queue=self.name, file=self._file(num), pos=self._rpos, reason=reason)
+        if num == self._wfn:
+            self._roll_writer()  # never append after garbage
+        self._ends[num] = self._rpos
+        self._bad.add(num)
+        self._advance_reader()
+        return None
+
+    def _advance_reader(self) -> None:
+        """Leave fully read files; they are deleted by the next sync, after its metadata."""
+        while self._rfn != self._wfn and self._rpos >= self._ends.get(self._rfn, 0):
+            done = self._rfn
+            if self._rfd is not None:
+                os.close(self._rfd)
+                self._rfd = None
+            self._rbuf = b""
+            self._roff = 0
+            self._ends.pop(done, None)
+            self._pending_delete.append((done, done in self._bad))
+            self._bad.discard(done)
+            self._rfn = min((n for n in self._ends if n > done), default=self._wfn)
+            self._rpos = 0
+            self._force_sync = True
+            self._notify_due()
+        if self._rfn == self._wfn and self._rpos >= self._wpos:
+            self._check_tail()
+
+    def _check_tail(self) -> None:
+        if self._depth != 0:
+            self._log.error("diskqueue depth wrong at the tail, resetting to 0", queue=self.name, depth=self._depth)
+            self._depth = 0
+            self._force_sync = True
+            self._notify_due()
+
+    # ------------------------------------------------------------------ sync
+
+    def sync(self) -> None:
+        """fsync what was written and persist the metadata, blocking; BackendError on failure."""
+        self.prepare_sync()()
+
+    def prepare_sync(self) -> Callable[[], None]:
+        """Snapshot the positions now; the returned closure makes them durable.
+
+        The closure may run in a worker thread while put/get go on; run them
+        one at a time, in order.  It raises BackendError if an fsync or the
+        metadata write fails (``healthy`` is then False until a sync succeeds).
+        """
+        if self._closed:
+            return _noop
+        meta = f"{self._depth}\n{self._rfn},{self._rpos}\n{self._wfn},{self._wpos}\n".encode()
+        wfd = os.dup(self._wfd) if self._wfd is not None else None
+        files, self._unsynced_files = self._unsynced_files, []
+        deletes, self._pending_delete = self._pending_delete, []
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        gen = self._generation
+        self._ops = 0
+        self._force_sync = False
+        self._due_notified = False
+
+        def run() -> None:
+            self._run_sync(meta, wfd, files, deletes, dir_dirty, gen)
+
+        return run
+
+    def _run_sync(self, meta: bytes, wfd: int | None, files: list[int], deletes: list[tuple[int, bool]], dir_dirty: bool, gen: int) -> None:
+        # touches only its own fds, snapshot and the file system, plus a few flag writes
+        try:
+            try:
+                for num in files:
+                    self._fsync_path(self._file(num))
+                if wfd is not None:
+                    self._fsync(wfd)
+            finally:
+                if wfd is not None:
+                    os.close(wfd)
+            tmp = f"{self._meta_path}.{random.getrandbits(62)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    os.write(fd, meta)
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
+                with self._meta_lock:
+                    if gen != self._generation:  # emptied or deleted since the snapshot
+                        os.unlink(tmp)
+                        return
+                    os.replace(tmp, self._meta_path)
+            except BaseException:
+                _unlink_quiet(tmp)
+                raise
+            if dir_dirty:
+                self._fsync_dir()
+        except OSError as e:
+            self._sync_failed = True
+            self._pending_delete.extend(deletes)  # still needed; retried by the next sync
+            self._log.error("diskqueue sync failed", queue=self.name, error=str(e))
+            raise BackendError(f"diskqueue {self.name}: sync failed: {e}") from e
+        self._sync_failed = False
+        for num, bad in deletes:
+            path = self._file(num)
+            try:
+                if bad:
+                    os.replace(path, path + ".bad")
+                    self._log.warning("diskqueue kept corrupt file", queue=self.name, file=path + ".bad")
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._log.error("diskqueue cannot remove a read file", queue=self.name, file=path, error=str(e))
+
+    def _fsync_path(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # emptied meanwhile
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self) -> None:
+        # new files' directory entries must survive a crash as well as their data
+        fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def empty(self) -> None:
+        """Drop every record: delete the data files and the metadata (as Go does)."""
+        if self._closed:
+            raise BackendError("diskqueue closed")
+        self._log.info("diskqueue emptying", queue=self.name)
+        self._close_files()
+        with self._meta_lock:
+            self._generation += 1
+            _unlink_quiet(self._meta_path)
+        nums = self._list_files()
+        for num in nums:
+            try:
+                os.unlink(self._file(num))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._log.error("diskqueue cannot remove a data file", queue=self.name, file=self._file(num), error=str(e))
+        # new numbers above every old one, so no late sync can touch a new file
+        self._wfn = max([self._wfn, *nums]) + 1
+        self._wpos = 0
+        self._rfn = self._wfn
+        self._rpos = 0
+        self._depth = 0
+        self._ends.clear()
+        self._bad.clear()
+        self._unsynced_files = []
+        self._pending_delete = []
+        self._ops = 0
+        self._force_sync = False
+        self._due_notified = False
+
+    def close(self) -> None:
+        """Sync and release the files; the records stay for the next start."""
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._close_files()
+            self._closed = True
+
+    def delete(self) -> None:
+        """Close and remove every file of this queue (data, metadata, .bad)."""
+        self._log.info("diskqueue deleting", queue=self.name)
+        self._close_files()
+        self._closed = True
+        with self._meta_lock:
+            self._generation += 1
+            _unlink_quiet(self._meta_path)
+        try:
+            names = os.listdir(self.data_path)
+        except OSError:
+            names = []
+        meta_tmp = self._base + "meta.dat."
+        for fn in names:
+            ours = self._parse_num(fn.removesuffix(".bad")) is not None or (fn.startswith(meta_tmp) and fn.endswith(".tmp"))
+            if ours:
+                _unlink_quiet(os.path.join(self.data_path, fn))
+
+    def _close_files(self) -> None:
+        for fd in (self._rfd, self._wfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._rfd = self._wfd = None
+        self._rbuf = b""
+        self._roff = 0
+
+    # ------------------------------------------------------------------ recovery
+
+    def _parse_num(self, fn: str) -> int | None:
+        if not (fn.startswith(self._base) and fn.endswith(".dat")):
+            return None
+        mid = fn[len(self._base) : -4]
+        if not (mid.isascii() and mid.isdigit()):
+            return None
+        num = int(mid)
+        return num if f"{num:06d}" == mid else None
+
+    def _list_files(self) -> list[int]:
+        nums = []
+        for fn in os.listdir(self.data_path):
+            num = self._parse_num(fn)
+            if num is not None:
+                nums.append(num)
+        return sorted(nums)
+
+    def _read_meta(self) -> _Meta | None:
+        try:
+            with open(self._meta_path, "rb") as f:
+                raw = f.read(4096)
+        except FileNotFoundError:
+            return None
+        m = _META_RE.match(raw)
+        meta = tuple(int(x) for x in m.groups()) if m else None
+        if meta is None or min(meta[1:]) < 0 or meta[1] > meta[3]:
+            self._log.warning("diskqueue metadata unreadable, recovering from the data files", queue=self.name, meta=raw[:200].decode("latin-1"))
+            return None
+        return meta  # type: ignore[return-value]
+
+    def _discover(self, meta: _Meta | None) -> tuple[list[int], list[int]]:
+        """Existing data files: (from the read file on, older ones already read)."""
+        if meta is not None and meta[3] - meta[1] <= _PROBE_LIMIT:
+            # probe by number rather than list a directory shared with every other queue
+            _, rfn, _, wfn, _ = meta
+            exists = os.path.exists
+            live = [n for n in range(rfn, wfn + 1) if exists(self._file(n))]
+            n = wfn + 1
+            while exists(self._file(n)):  # rolled after the last sync
+                live.append(n)
+                n += 1
+            stale = []
+            n = rfn - 1
+            while n >= 0 and exists(self._file(n)):
+                stale.append(n)
+                n -= 1
+            return live, sorted(stale)
+        nums = self._list_files()
+        if meta is None:
+            return nums, []
+        return [n for n in nums if n >= meta[1]], [n for n in nums if n < meta[1]]
+
+    def _recover(self) -> None:
+        meta = self._read_meta()
+        live, stale = self._discover(meta)
+        for num in stale:
+            # read past before a crash beat their deletion: the metadata no longer needs them
+            self._log.warning("diskqueue removing already read file", queue=self.name, file=self._file(num))
+            _unlink_quiet(self._file(num))
+        if not live:
+            self._rfn = self._wfn = max(meta[1], meta[3]) if meta else 0
+        for i, num in enumerate(live):
+            want = meta[2] if meta is not None and i == 0 and num == meta[1] else 0
+            start, count, good_end, size, problem = self._scan(num, want)
+            if i == 0:
+                if meta is not None and num != meta[1]:
+                    self._log.warning("diskqueue read file missing, resuming at the next one", queue=self.name, missing=self._file(meta[1]), file=self._file(num))
+                elif start != want:
+                    self._log.warning("diskqueue read position is not a record boundary", queue=self.name, file=self._file(num), meta_pos=want, pos=start)
+                self._rfn, self._rpos = num, start
+            self._depth += count
+            self._ends[num] = good_end
+            if problem is not None:
+                self._bad.add(num)
+                self._log.error("diskqueue corrupt data file, serving the records before the damage", queue=self.name, file=self._file(num), pos=good_end, size=size, reason=problem)
+        if live:
+            last = live[-1]
+            if last in self._bad:
+                self._wfn, self._wpos = last + 1, 0  # never append after garbage
+            else:
+                self._wfn, self._wpos = last, self._ends.pop(last)
+        state = (self._depth, self._rfn, self._rpos, self._wfn, self._wpos)
+        if meta is not None and state != meta:
+            self._log.warning("diskqueue metadata out of step with the data files, repaired", queue=self.name, meta=meta, repaired=state)
+        elif meta is None and live:
+            self._log.warning("diskqueue metadata missing, recovered from the data files", queue=self.name, depth=self._depth, files=len(live))
+        self._advance_reader()
+        if (meta is not None and state != meta) or (meta is None and live) or stale or self._pending_delete:
+            self.sync()
+
+    def _scan(self, num: int, want: int) -> tuple[int, int, int, int, str | None]:
+        """Walk a file's record headers.
+
+        Returns (start, count, good_end, size, problem): start is the last
+        record boundary <= want, count the records from there to good_end,
+        the end of the last intact record; problem says why the walk stopped
+        short of the file's size (None when it did not).
+        """
+        fd = os.open(self._file(num), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            lo, hi = self._min, self._max
+            unpack = _LEN.unpack_from
+            chunk = b""
+            coff = 0
+            pos = start = count = before = 0
+            problem = None
+            while pos < size:
+                if pos <= want:
+                    start, before = pos, count
+                if pos + 4 > size:
+                    problem = "file ends inside a record header"
+                    break
+                rel = pos - coff
+                if rel + 4 > len(chunk):
+                    chunk = os.pread(fd, _SCAN_CHUNK, pos)
+                    coff, rel = pos, 0
+                    if len(chunk) < 4:
+                        problem = "file is shorter than its size"
+                        break
+                n = unpack(chunk, rel)[0]
+                if n < lo or n > hi:
+                    problem = f"invalid message read size ({n})"
+                    break
+                if pos + 4 + n > size:
+                    problem = "file ends inside a record"
+                    break
+                pos += 4 + n
+                count += 1
+            else:
+                if pos <= want:
+                    start, before = pos, count
+            return start, count - before, pos, size, problem
+        finally:
+            os.close(fd)
+
+
+def _noop() -> None:
+    return None
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
