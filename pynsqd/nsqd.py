@@ -15,7 +15,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -90,6 +90,11 @@ class NSQD:
         self._loading = False
         # called after PUT /config changes options (the lookupd connections)
         self.options_changed_hooks: list[Callable[[], None]] = []
+        # told of "topic_created"/"topic_deleted"/"channel_created"/
+        # "channel_deleted" (topic, channel or None): lookupd registration
+        self.event_hooks: list[Callable[[str, Topic, Channel | None], None]] = []
+        # long-running tasks of optional subsystems, started in the daemon's nursery
+        self.services: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------ properties
 
@@ -310,6 +315,7 @@ class NSQD:
         self.log.info("TOPIC: created", topic=name)
         if not topic.ephemeral:
             self.metadata_changed()
+        self._emit("topic_created", topic, None)
         return topic
 
     def get_existing_topic(self, name: str) -> Topic | None:
@@ -323,6 +329,7 @@ class NSQD:
         topic.delete()
         if not topic.ephemeral:
             self.metadata_changed()
+        self._emit("topic_deleted", topic, None)
         return True
 
     def _make_channel(self, topic: Topic, name: str) -> Channel:
@@ -343,9 +350,24 @@ class NSQD:
             self._nursery.start_soon(self._run_channel_timer, channel, timer)
         return channel
 
+    def _emit(self, event: str, topic: Topic, channel: Channel | None) -> None:
+        for hook in self.event_hooks:
+            try:
+                hook(event, topic, channel)
+            except Exception:
+                self.log.exception("event hook failed", event=event, topic=topic.name)
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run a task in the daemon's nursery (False if it is not running)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def _channel_created(self, topic: Topic, channel: Channel) -> None:
         if not channel.ephemeral and not topic.ephemeral:
             self.metadata_changed()
+        self._emit("channel_created", topic, channel)
 
     def _channel_deleted(self, topic: Topic, channel: Channel) -> None:
         timer = self._timers.pop(id(channel), None)
@@ -353,6 +375,7 @@ class NSQD:
             timer.outer.cancel()
         if not channel.ephemeral and not topic.ephemeral and not topic.exiting:
             self.metadata_changed()
+        self._emit("channel_deleted", topic, channel)
 
     async def _run_channel_timer(self, channel: Channel, timer: _ChannelTimer) -> None:
         """Requeue timed-out and release due deferred messages of one channel."""
@@ -427,6 +450,8 @@ class NSQD:
                         if timer is not None:
                             nursery.start_soon(self._run_channel_timer, channel, timer)
                 nursery.start_soon(self._sync_ticker)
+                for service in self.services:
+                    nursery.start_soon(service)
                 await nursery.start(serve_tcp, self, tcp_listener)
                 await nursery.start(serve_http, http_listener, make_router(self))
                 task_status.started(self)

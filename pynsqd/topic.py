@@ -61,6 +61,9 @@ class Topic:
         self.channels: dict[str, Channel] = {}
         self.memory: deque[Message] = deque()
         self.paused = False
+        # while held (e.g. asking lookupd for the topic's channels) messages are
+        # kept in the topic instead of going to the channels that exist so far
+        self.holds = 0
         self.exiting = False
         self.message_count = 0
         self.message_bytes = 0
@@ -86,14 +89,14 @@ class Topic:
         return bool(self.memory) or self.backend.depth() > 0
 
     def can_deliver(self) -> bool:
-        return bool(self.channels) and not self.paused
+        return bool(self.channels) and not self.paused and not self.holds
 
     def put_messages(self, msgs: list[Message]) -> None:
         """Accept published messages; raises TopicExiting or BackendError
         (in which case nothing was accepted)."""
         if self.exiting:
             raise TopicExiting(self.name)
-        if self.channels and not self.paused and not self.memory and self.backend.depth() == 0:
+        if self.channels and not self.paused and not self.holds and not self.memory and self.backend.depth() == 0:
             self._fan_out(msgs)
         else:
             self._store(msgs)
@@ -181,6 +184,14 @@ class Topic:
         return True
 
     # ------------------------------------------------------------ admin
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        if self.has_backlog() and self.can_deliver() and self._on_backlog is not None:
+            self._on_backlog(self)
 
     def pause(self) -> None:
         self.paused = True
