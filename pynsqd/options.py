@@ -96,6 +96,16 @@ class Options:
     max_bytes_per_file: int = flag_field(104857600, flag="max-bytes-per-file", kind="int", help="number of bytes per diskqueue file before rolling")
     sync_every: int = flag_field(2500, flag="sync-every", kind="int", help="number of messages per diskqueue fsync")
     sync_timeout: float = flag_field(2.0, flag="sync-timeout", kind="duration", help="duration of time per diskqueue fsync")
+    # nsqd 1.3.0 flags that tune its queue-scan loop; pynsqd keeps per-channel
+    # timers instead, so they are accepted (drop-in command lines) and unused
+    queue_scan_worker_pool_max: int = flag_field(
+        4, flag="queue-scan-worker-pool-max", kind="int",
+        help="max concurrency for checking in-flight and deferred message timeouts (accepted for compatibility, unused)",
+    )
+    queue_scan_selection_count: int = flag_field(
+        20, flag="queue-scan-selection-count", kind="int",
+        help="number of channels to check per cycle (every 100ms) for in-flight and deferred timeouts (accepted for compatibility, unused)",
+    )
 
     # messages and commands
     msg_timeout: float = flag_field(60.0, flag="msg-timeout", kind="duration", help="default duration to wait before auto-requeing a message")
