@@ -81,6 +81,8 @@ class HTTPAPI:
         except BackendError as exc:
             self.nsqd.note_put_failure(exc)
             raise HTTPError(500, failed) from None
+        if self.nsqd.health_error is not None:
+            self.nsqd.note_put_success()
         return respond("OK")
 
     # ------------------------------------------------------------ endpoints

@@ -351,9 +351,6 @@ class ProtocolV2:
         snappy = opts.snappy and bool(get("snappy", False))
         if deflate and snappy:
             raise ProtocolError("E_IDENTIFY_FAILED", "cannot enable both deflate and snappy compression")
-        if nsqd.tls_required_for_tcp and not tls and not client.tls:
-            # nsqd would answer and then refuse every later command; say it now
-            pass
         reply = {
             "max_rdy_count": opts.max_rdy_count,
             "version": nsqd.version,
@@ -535,6 +532,8 @@ class ProtocolV2:
         except (BackendError, TopicExiting) as exc:
             self.nsqd.note_put_failure(exc)
             raise ProtocolError("E_PUB_FAILED", f"PUB failed {exc}") from None
+        if self.nsqd.health_error is not None:
+            self.nsqd.note_put_success()
         counts = self.client.pub_counts
         counts[topic_name] = counts.get(topic_name, 0) + 1
         self.client.send_response(OK)
@@ -552,6 +551,8 @@ class ProtocolV2:
         except (BackendError, TopicExiting) as exc:
             self.nsqd.note_put_failure(exc)
             raise ProtocolError("E_MPUB_FAILED", f"MPUB failed {exc}") from None
+        if self.nsqd.health_error is not None:
+            self.nsqd.note_put_success()
         counts = self.client.pub_counts
         counts[topic_name] = counts.get(topic_name, 0) + len(bodies)
         self.client.send_response(OK)
@@ -569,6 +570,8 @@ class ProtocolV2:
         except (BackendError, TopicExiting) as exc:
             self.nsqd.note_put_failure(exc)
             raise ProtocolError("E_DPUB_FAILED", f"DPUB failed {exc}") from None
+        if self.nsqd.health_error is not None:
+            self.nsqd.note_put_success()
         counts = self.client.pub_counts
         counts[topic_name] = counts.get(topic_name, 0) + 1
         self.client.send_response(OK)
