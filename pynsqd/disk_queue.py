@@ -301,7 +301,7 @@ class DiskQueue:
             if self._rfn != self._wfn and self._rpos >= self._ends.get(self._rfn, 0):
                 self._advance_reader()
                 continue
-            end = self._wpos + 10**6 if self._rfn == self._wfn else self._ends[self._rfn]
+            end = self._wpos if self._rfn == self._wfn else self._ends[self._rfn]
             if self._rpos >= end:
                 self._check_tail()
                 return None
@@ -338,7 +338,9 @@ class DiskQueue:
             except FileNotFoundError:
                 return self._skip_corrupt("file is missing")
             except OSError as e:
-                self._log.error("diskqueue read failed", queue=self.name, file=self._file(self._rfn), pos=self._rpos, error=str(e))
+                self._log.error(
+                    "diskqueue read failed", queue=self.name, file=self._file(self._rfn), pos=self._rpos, error=str(e)
+                )
                 return False
             if not data:
                 return self._skip_corrupt("file is shorter than its records")
@@ -348,7 +350,10 @@ class DiskQueue:
     def _skip_corrupt(self, reason: str) -> None:
         """Give up on the rest of the read file (someone changed it under us)."""
         num = self._rfn
-        self._log.error("diskqueue corrupt data, skipping the rest of the file", queue=self.name, file=self._file(num), pos=self._rpos, reason=reason)
+        self._log.error(
+            "diskqueue corrupt data, skipping the rest of the file",
+            queue=self.name, file=self._file(num), pos=self._rpos, reason=reason,
+        )
         if num == self._wfn:
             self._roll_writer()  # never append after garbage
         self._ends[num] = self._rpos
@@ -412,7 +417,9 @@ class DiskQueue:
 
         return run
 
-    def _run_sync(self, meta: bytes, wfd: int | None, files: list[int], deletes: list[tuple[int, bool]], dir_dirty: bool, gen: int) -> None:
+    def _run_sync(
+        self, meta: bytes, wfd: int | None, files: list[int], deletes: list[tuple[int, bool]], dir_dirty: bool, gen: int
+    ) -> None:
         # touches only its own fds, snapshot and the file system, plus a few flag writes
         try:
             try:
@@ -578,7 +585,10 @@ class DiskQueue:
         m = _META_RE.match(raw)
         meta = tuple(int(x) for x in m.groups()) if m else None
         if meta is None or min(meta[1:]) < 0 or meta[1] > meta[3]:
-            self._log.warning("diskqueue metadata unreadable, recovering from the data files", queue=self.name, meta=raw[:200].decode("latin-1"))
+            self._log.warning(
+                "diskqueue metadata unreadable, recovering from the data files",
+                queue=self.name, meta=raw[:200].decode("latin-1"),
+            )
             return None
         return meta  # type: ignore[return-value]
 
@@ -618,15 +628,24 @@ class DiskQueue:
             start, count, good_end, size, problem = self._scan(num, want)
             if i == 0:
                 if meta is not None and num != meta[1]:
-                    self._log.warning("diskqueue read file missing, resuming at the next one", queue=self.name, missing=self._file(meta[1]), file=self._file(num))
+                    self._log.warning(
+                        "diskqueue read file missing, resuming at the next one",
+                        queue=self.name, missing=self._file(meta[1]), file=self._file(num),
+                    )
                 elif start != want:
-                    self._log.warning("diskqueue read position is not a record boundary", queue=self.name, file=self._file(num), meta_pos=want, pos=start)
+                    self._log.warning(
+                        "diskqueue read position is not a record boundary",
+                        queue=self.name, file=self._file(num), meta_pos=want, pos=start,
+                    )
                 self._rfn, self._rpos = num, start
             self._depth += count
             self._ends[num] = good_end
             if problem is not None:
                 self._bad.add(num)
-                self._log.error("diskqueue corrupt data file, serving the records before the damage", queue=self.name, file=self._file(num), pos=good_end, size=size, reason=problem)
+                self._log.error(
+                    "diskqueue corrupt data file, serving the records before the damage",
+                    queue=self.name, file=self._file(num), pos=good_end, size=size, reason=problem,
+                )
         if live:
             last = live[-1]
             if last in self._bad:
@@ -635,9 +654,13 @@ class DiskQueue:
                 self._wfn, self._wpos = last, self._ends.pop(last)
         state = (self._depth, self._rfn, self._rpos, self._wfn, self._wpos)
         if meta is not None and state != meta:
-            self._log.warning("diskqueue metadata out of step with the data files, repaired", queue=self.name, meta=meta, repaired=state)
+            self._log.warning(
+                "diskqueue metadata out of step with the data files, repaired", queue=self.name, meta=meta, repaired=state
+            )
         elif meta is None and live:
-            self._log.warning("diskqueue metadata missing, recovered from the data files", queue=self.name, depth=self._depth, files=len(live))
+            self._log.warning(
+                "diskqueue metadata missing, recovered from the data files", queue=self.name, depth=self._depth, files=len(live)
+            )
         self._advance_reader()
         if (meta is not None and state != meta) or (meta is None and live) or stale or self._pending_delete:
             self.sync()
