@@ -1,0 +1,105 @@
+"""nsqd discovery through nsqlookupd.
+
+lookupds never talk to each other, so a consumer asks every one of them and
+takes the union of the producers.  A lookupd that cannot be reached keeps
+its last good answer: one lookupd being down must not make its nsqds look
+gone.  :class:`Discovery` is that bookkeeping (sans-IO);
+:func:`query_lookupd` is the HTTP edge (``pynsqd.http_client``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+
+from pynsqd.http_client import HTTPClientError, http_get
+
+
+class LookupError_(Exception):
+    """A lookupd answered with something that is not a lookup result."""
+
+
+def lookup_url(address: str, topic: str) -> str:
+    base = address if "://" in address else f"http://{address}"
+    base = base.rstrip("/")
+    if base.endswith("/lookup"):
+        base = base[: -len("/lookup")]
+    return f"{base}/lookup?topic={quote(topic)}"
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_lookup(status: int, body: bytes) -> list[dict[str, Any]]:
+    """Producers from a ``/lookup`` answer; a 404 (topic unknown) is none.
+
+    Accepts both nsqlookupd's current shape and the pre-1.0 one wrapped in
+    ``{"status_code":..,"data":{..}}``.
+    """
+    if status == 404:
+        return []
+    if status != 200:
+        raise LookupError_(f"HTTP {status}: {body[:200]!r}")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise LookupError_(f"not JSON: {body[:200]!r}") from None
+    if isinstance(doc, dict) and "data" in doc and isinstance(doc["data"], dict):
+        doc = doc["data"]
+    if not isinstance(doc, dict) or not isinstance(doc.get("producers", []), list):
+        raise LookupError_(f"unexpected answer: {body[:200]!r}")
+    return [p for p in doc.get("producers") or [] if isinstance(p, dict)]
+
+
+def producer_tcp_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
+    out = set()
+    for p in producers:
+        host = p.get("broadcast_address") or p.get("address") or p.get("hostname")
+        port = p.get("tcp_port")
+        if host and isinstance(port, int):
+            out.add(_join(host, port))
+    return out
+
+
+def producer_http_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
+    out = set()
+    for p in producers:
+        host = p.get("broadcast_address") or p.get("address") or p.get("hostname")
+        port = p.get("http_port")
+        if host and isinstance(port, int):
+            out.add(_join(host, port))
+    return out
+
+
+async def query_lookupd(address: str, topic: str, timeout: float) -> list[dict[str, Any]]:
+    """Raises LookupError_ (or HTTPClientError) when there is no usable answer."""
+    resp = await http_get(lookup_url(address, topic), timeout=timeout, connect_timeout=min(timeout, 2.0))
+    return parse_lookup(resp.status, resp.body)
+
+
+QueryErrors = (HTTPClientError, LookupError_, ValueError)
+
+
+@attrs.define
+class Discovery:
+    """The union of every lookupd's last good answer."""
+
+    lookupds: list[str]
+    answers: dict[str, set[str]] = attrs.field(factory=dict)
+
+    def answered(self, lookupd: str, addresses: set[str]) -> None:
+        self.answers[lookupd] = set(addresses)
+
+    def failed(self, lookupd: str) -> None:
+        """Nothing to do: the last good answer stands."""
+
+    def producers(self) -> set[str]:
+        out: set[str] = set()
+        for addresses in self.answers.values():
+            out |= addresses
+        return out
