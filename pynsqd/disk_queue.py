@@ -19,6 +19,13 @@ moment, and only then deletes the files those positions have moved past: a
 crash at any step leaves either the old metadata and every file it names, or
 the new one.
 
+Tracked reads (``track_acks=True``, pynsqd's ``--sync-every=1`` mode): a
+record read with ``get_tracked()`` stays on disk until it is ``ack()``-ed:
+the persisted read position is that of the oldest unacknowledged record, so
+after a crash every message that was in flight comes back (with the attempts
+``set_attempts()`` wrote into its record in place).  Records acknowledged
+after an older unacknowledged one may come back too: at least once.
+
 Recovery does not trust the metadata beyond the read position: at start every
 unread file is scanned, so depth, the write position and a torn or corrupt
 tail are taken from the records themselves.  Good records before a corrupt
@@ -34,6 +41,7 @@ import random
 import re
 import struct
 import threading
+from collections import deque
 from itertools import chain
 from typing import Any, Callable
 
@@ -41,6 +49,7 @@ from .backend_queue import BackendError
 from .log import get_logger
 
 _LEN = struct.Struct(">i")  # signed like Go's int32: a negative length is corruption
+_ATTEMPTS = struct.Struct(">H")
 _READ_CHUNK = 64 * 1024  # per pread while serving get(); freed once consumed
 _SCAN_CHUNK = 1024 * 1024  # per pread while scanning at start
 _PROBE_LIMIT = 4096  # beyond this many file numbers, list the directory instead of probing
@@ -67,6 +76,7 @@ class DiskQueue:
         sync_every: int,
         logger: Any = None,
         on_sync_due: Callable[[DiskQueue], None] | None = None,
+        track_acks: bool = False,
     ) -> None:
         self.name = name
         self.data_path = data_path
@@ -104,6 +114,16 @@ class DiskQueue:
         self._write_failed = False
         self._sync_failed = False
         self._closed = False
+        # tracked reads: [token, file, pos, acked] in read order; the first is
+        # the oldest unacknowledged record (acked ones are popped off the left)
+        self.track_acks = track_acks
+        self._tokens: dict[int, list[Any]] = {}
+        self._outstanding: deque[list[Any]] = deque()
+        self._next_token = 0
+        self._last_read = (0, 0)  # (file, pos) of the record get() returned last
+        self._read_past: list[tuple[int, bool]] = []  # files read past, kept until committed past
+        self._patch_fds: dict[int, int] = {}  # files whose attempts fields we rewrite
+        self._patched_files: set[int] = set()
         # syscalls that tests replace to inject failures
         self._pwrite: Callable[[int, Any, int], int] = os.pwrite
         self._fsync: Callable[[int], None] = os.fsync
@@ -274,6 +294,7 @@ class DiskQueue:
             end = off + 4 + n
             if end <= len(buf) and self._min <= n <= self._max:
                 self._roff = end
+                self._last_read = (self._rfn, self._rpos)
                 self._rpos += 4 + n
                 self._depth -= 1
                 self._ops += 1
@@ -283,6 +304,60 @@ class DiskQueue:
                     self._drained()
                 return buf[off + 4 : end]
         return self._get_slow()
+
+    def get_tracked(self) -> tuple[bytes, int] | None:
+        """Like ``get()``, plus a token: the record stays durable until ``ack(token)``."""
+        data = self.get()
+        if data is None:
+            return None
+        rfn, rpos = self._last_read
+        token = self._next_token
+        self._next_token = token + 1
+        entry = [token, rfn, rpos, False]
+        self._tokens[token] = entry
+        self._outstanding.append(entry)
+        return data, token
+
+    def ack(self, token: int) -> None:
+        """The record read with ``token`` is done with (finished, or stored again)."""
+        entry = self._tokens.pop(token, None)
+        if entry is None:
+            return
+        entry[3] = True
+        out = self._outstanding
+        while out and out[0][3]:
+            out.popleft()
+        self._ops += 1
+        if self._ops == self._sync_every:
+            self._notify_due()
+
+    def set_attempts(self, token: int, attempts: int) -> None:
+        """Rewrite the attempts field of an unacknowledged record in place, so
+        that a message redelivered after a crash keeps its count."""
+        entry = self._tokens.get(token)
+        if entry is None:
+            return
+        num, pos = entry[1], entry[2]
+        try:
+            if num == self._wfn and self._wfd is not None:
+                fd = self._wfd
+            else:
+                fd = self._patch_fds.get(num)
+                if fd is None:
+                    fd = os.open(self._file(num), os.O_WRONLY | os.O_CLOEXEC)
+                    self._patch_fds[num] = fd
+            # record: [int32 len][int64 timestamp][uint16 attempts]...
+            self._pwrite(fd, _ATTEMPTS.pack(min(attempts, 0xFFFF)), pos + 12)
+            self._patched_files.add(num)
+        except OSError as e:
+            self._log.warning("diskqueue cannot update attempts", queue=self.name, file=self._file(num), error=str(e))
+
+    def _committed(self) -> tuple[int, int, int]:
+        """(file, pos, records from there to the read position) as persisted."""
+        if self._outstanding:
+            first = self._outstanding[0]
+            return first[1], first[2], len(self._outstanding)
+        return self._rfn, self._rpos, 0
 
     def _drained(self) -> None:
         # release the chunk; step past a finished file now rather than on the next get()
@@ -371,7 +446,10 @@ class DiskQueue:
             self._rbuf = b""
             self._roff = 0
             self._ends.pop(done, None)
-            self._pending_delete.append((done, done in self._bad))
+            if self.track_acks:
+                self._read_past.append((done, done in self._bad))
+            else:
+                self._pending_delete.append((done, done in self._bad))
             self._bad.discard(done)
             self._rfn = min((n for n in self._ends if n > done), default=self._wfn)
             self._rpos = 0
@@ -402,7 +480,21 @@ class DiskQueue:
         """
         if self._closed:
             return _noop
-        meta = f"{self._depth}\n{self._rfn},{self._rpos}\n{self._wfn},{self._wpos}\n".encode()
+        rfn, rpos, unacked = self._committed()
+        meta = f"{self._depth + unacked}\n{rfn},{rpos}\n{self._wfn},{self._wpos}\n".encode()
+        if self._read_past:
+            # files read past may go once no unacknowledged record is left in them
+            keep = [(n, bad) for n, bad in self._read_past if n >= rfn]
+            for num, bad in self._read_past:
+                if num < rfn:
+                    self._pending_delete.append((num, bad))
+                    fd = self._patch_fds.pop(num, None)
+                    if fd is not None:
+                        os.close(fd)
+            self._read_past = keep
+        if self._patched_files:
+            self._unsynced_files.extend(n for n in self._patched_files if n != self._wfn)
+            self._patched_files.clear()
         wfd = os.dup(self._wfd) if self._wfd is not None else None
         files, self._unsynced_files = self._unsynced_files, []
         deletes, self._pending_delete = self._pending_delete, []
@@ -514,6 +606,10 @@ class DiskQueue:
         self._bad.clear()
         self._unsynced_files = []
         self._pending_delete = []
+        self._tokens.clear()
+        self._outstanding.clear()
+        self._read_past = []
+        self._patched_files.clear()
         self._ops = 0
         self._force_sync = False
         self._due_notified = False
@@ -547,6 +643,12 @@ class DiskQueue:
                 _unlink_quiet(os.path.join(self.data_path, fn))
 
     def _close_files(self) -> None:
+        for fd in self._patch_fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._patch_fds.clear()
         for fd in (self._rfd, self._wfd):
             if fd is not None:
                 try:
