@@ -178,6 +178,11 @@ class Writer:
             suppressed = await stack.__aexit__(*exc_info)
         return bool(suppressed)
 
+    @property
+    def connected(self) -> list[str]:
+        """Addresses of the nsqds a publish can go to right now."""
+        return [wc.conn.address for wc in self._usable()]
+
     async def wait_connected(self, count: int = 1) -> None:
         while len(self._usable()) < count:
             await self._ready_changed.wait()
