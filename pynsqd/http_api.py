@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .backend_queue import BackendError
+from .debug import debug_routes
 from .http_server import HTTPError, Request, Response, Router, plain_text, respond
+from .metrics import metrics_endpoint
 from .options import config_value
 from .protocol import ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
 from .stats import format_text_stats, memory_stats
@@ -41,6 +43,9 @@ def make_router(nsqd: NSQD) -> Router:
     r.add("POST", "/channel/pause", api.channel_pause)
     r.add("POST", "/channel/unpause", api.channel_pause)
     r.add(("GET", "PUT"), "/config/*", api.config)
+    r.add("GET", "/metrics", metrics_endpoint(nsqd))
+    for path, handler in debug_routes(nsqd).items():
+        r.add("GET", path, handler)
     extra = getattr(nsqd, "extra_routes", None)
     if extra is not None:
         extra(r)

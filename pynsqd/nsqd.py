@@ -24,6 +24,7 @@ from . import NSQ_VERSION, version_string
 from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
 from .client_v2 import ClientV2
+from .e2e import LatencyStream
 from .listener import open_listener
 from . import log as logging_setup
 from .http_server import HTTPError, Response, respond
@@ -95,6 +96,10 @@ class NSQD:
         self.event_hooks: list[Callable[[str, Topic, Channel | None], None]] = []
         # long-running tasks of optional subsystems, started in the daemon's nursery
         self.services: list[Callable[[], Awaitable[None]]] = []
+        if options.statsd_address:
+            from .statsd import StatsdService
+
+            self.services.append(StatsdService(self).run)
 
     # ------------------------------------------------------------ properties
 
@@ -270,6 +275,7 @@ class NSQD:
             self.options.log_level = level
             o = self.options
             logging_setup.configure(app="nsqd", prefix=o.log_prefix, level=level, fmt=o.log_format)
+            self.log.info("log level changed", level=level)
         else:
             raise HTTPError(400, "INVALID_OPTION")
         return respond(config_value(self.options, name))
@@ -344,11 +350,19 @@ class NSQD:
             clock=trio.current_time,
             on_deadline=timer.wake_by,
             on_delete=lambda ch: topic.delete_existing_channel(ch.name),
+            e2e=self._new_latency_stream(),
         )
         self._timers[id(channel)] = timer
         if self._nursery is not None:
             self._nursery.start_soon(self._run_channel_timer, channel, timer)
         return channel
+
+    def _new_latency_stream(self) -> LatencyStream | None:
+        """A channel's e2e latency sketch, when percentiles are configured."""
+        o = self.options
+        if not o.e2e_processing_latency_percentiles:
+            return None
+        return LatencyStream(o.e2e_processing_latency_percentiles, o.e2e_processing_latency_window_time)
 
     def _emit(self, event: str, topic: Topic, channel: Channel | None) -> None:
         for hook in self.event_hooks:
@@ -425,7 +439,11 @@ class NSQD:
         if include_clients:
             for c in self.clients.values():
                 if c.pub_counts and (topic is None or topic in c.pub_counts):
-                    producers.append(c.stats())
+                    st = c.stats()
+                    if topic is not None:
+                        # nsqd narrows a producer's pub_counts to the topic asked for
+                        st["pub_counts"] = [{"topic": topic, "count": c.pub_counts[topic]}]
+                    producers.append(st)
         return {"topics": topics, "producers": producers}
 
     # ------------------------------------------------------------ running

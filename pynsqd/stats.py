@@ -10,6 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .e2e import format_result
 from .flags import format_duration
 
 if TYPE_CHECKING:
@@ -45,69 +46,59 @@ def _rss_bytes() -> int:
         return usage if sys.platform == "darwin" else usage * 1024
 
 
-def format_e2e(result: dict[str, Any]) -> str:
-    percentiles = result.get("percentiles") or []
-    parts = []
-    for p in percentiles:
-        q = p.get("quantile", 0)
-        value_ns = p.get("value", 0)
-        parts.append(f"{q * 100:g}%: {format_duration(value_ns / 1e9)}")
-    return ", ".join(parts)
+def format_e2e(result: dict[str, Any] | None) -> str:
+    """nsqd's ``quantile.Result.String``: the percentile values only."""
+    return format_result(result or {})
 
 
-def _client_line(c: dict[str, Any], now: float) -> str:
-    duration = format_duration(max(0, int(now - c["connect_ts"])))
-    port = c["remote_address"].rsplit(":", 1)[-1]
-    ident = f"{c['hostname']}:{port} {c['user_agent']}"
-    pub_counts = c.get("pub_counts")
-    if pub_counts:
-        total = sum(p["count"] for p in pub_counts)
-        topics = ",".join(f"{p['topic']}={p['count']}" for p in pub_counts)
-        return f"[{c['version']} {ident:<21}] msgs: {total:<8} topics: {topics} connected: {duration}"
-    return (
-        f"[{c['version']} {ident:<21}] state: {c['state']} inflt: {c['in_flight_count']:<4} rdy: {c['ready_count']:<4} "
-        f"fin: {c['finish_count']:<8} re-q: {c['requeue_count']:<8} msgs: {c['message_count']:<8} connected: {duration}"
-    )
+def _connected(connect_ts: int, now: float) -> str:
+    # nsqd truncates the connection age to the second
+    return format_duration(max(0, int(now - connect_ts)))
+
+
+def _rfc3339(ts: float) -> str:
+    text = datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def format_text_stats(nsqd: NSQD, stats: dict[str, Any], mem: dict[str, int] | None) -> str:
+    """``/stats`` as nsqd 1.3.0's printStats writes it, byte for byte in layout."""
     now = time.time()
-    start = datetime.datetime.fromtimestamp(nsqd.start_time).astimezone()
-    lines = [
-        nsqd.version_string,
-        f"start_time {start.isoformat(timespec='seconds')}",
-        f"uptime {format_duration(now - nsqd.start_time)}",
-        "",
-        f"Health: {nsqd.health()}",
+    out = [
+        f"{nsqd.version_string}\n",
+        f"start_time {_rfc3339(nsqd.start_time)}\n",
+        f"uptime {format_duration(now - nsqd.start_time)}\n",
+        f"\nHealth: {nsqd.health()}\n",
     ]
     if mem is not None:
-        lines += ["", "Memory:"]
-        lines += [f"   {k:<25}\t{v}" for k, v in mem.items()]
+        out.append("\nMemory:\n")
+        out += [f"   {k:<25}\t{v}\n" for k, v in mem.items()]
     topics = stats["topics"]
-    if not topics:
-        lines += ["", "Topics: None"]
-    else:
-        lines += ["", "Topics:"]
+    out.append("\nTopics: None\n" if not topics else "\nTopics:")
     for t in topics:
         prefix = "*P " if t["paused"] else "   "
-        lines.append(
-            f"{prefix}[{t['topic_name']:<15}] depth: {t['depth']:<5} be-depth: {t['backend_depth']:<5} "
-            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}"
+        out.append(
+            f"\n{prefix}[{t['topic_name']:<15}] depth: {t['depth']:<5} be-depth: {t['backend_depth']:<5} "
+            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}\n"
         )
         for c in t["channels"]:
             cprefix = "   *P " if c["paused"] else "      "
-            lines.append(
+            out.append(
                 f"{cprefix}[{c['channel_name']:<25}] depth: {c['depth']:<5} be-depth: {c['backend_depth']:<5} "
                 f"inflt: {c['in_flight_count']:<4} def: {c['deferred_count']:<4} re-q: {c['requeue_count']:<5} "
-                f"timeout: {c['timeout_count']:<5} msgs: {c['message_count']:<8} e2e%: {format_e2e(c['e2e_processing_latency'])}"
+                f"timeout: {c['timeout_count']:<5} msgs: {c['message_count']:<8} e2e%: {format_e2e(c['e2e_processing_latency'])}\n"
             )
-            for client in c["clients"]:
-                lines.append(f"        {_client_line(client, now)}")
-        lines.append("")
+            for cl in c["clients"]:
+                out.append(
+                    f"        [{cl['version']} {cl['client_id']:<21}] state: {cl['state']} inflt: {cl['in_flight_count']:<4} "
+                    f"rdy: {cl['ready_count']:<4} fin: {cl['finish_count']:<8} re-q: {cl['requeue_count']:<8} "
+                    f"msgs: {cl['message_count']:<8} connected: {_connected(cl['connect_ts'], now)}\n"
+                )
     producers = stats["producers"]
-    if not producers:
-        lines += ["", "Producers: None"]
-    else:
-        lines += ["", "Producers:"]
-        lines += [f"   {_client_line(p, now)}" for p in producers]
-    return "\n".join(lines) + "\n"
+    out.append("\nProducers: None\n" if not producers else "\nProducers:")
+    for p in producers:
+        pub_counts = p.get("pub_counts") or []
+        total = sum(pc["count"] for pc in pub_counts)
+        out.append(f"\n   [{p['version']} {p['client_id']:<21}] msgs: {total:<8} connected: {_connected(p['connect_ts'], now)}\n")
+        out += [f"      [{pc['topic']:<15}] msgs: {pc['count']:<8}\n" for pc in pub_counts]
+    return "".join(out)

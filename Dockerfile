@@ -1,0 +1,36 @@
+# pynsqd and pynsqlookupd in one image.
+#   nsqd:       docker run -p 4150:4150 -p 4151:4151 -v nsqd-data:/data pynsqd [flags...]
+#   nsqlookupd: docker run -p 4160:4160 -p 4161:4161 --entrypoint pynsqlookupd pynsqd [flags...]
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# a fixed uid/gid so that volume ownership is predictable across rebuilds
+RUN groupadd --system --gid 4150 nsq \
+    && useradd --system --uid 4150 --gid nsq --home-dir /data --no-create-home --shell /usr/sbin/nologin nsq
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pynsqd ./pynsqd
+COPY pynsqlookupd ./pynsqlookupd
+COPY client ./client
+RUN pip install . \
+    && rm -rf /src \
+    && mkdir -p /data \
+    && chown nsq:nsq /data
+
+WORKDIR /data
+VOLUME /data
+USER nsq
+
+# nsqd TCP, HTTP, HTTPS; nsqlookupd TCP, HTTP (same image, --entrypoint pynsqlookupd)
+EXPOSE 4150 4151 4152 4160 4161
+
+# nsqd answers /ping on 4151, nsqlookupd on 4161: healthy if either does
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request as u\nfor port in (4151, 4161):\n    try:\n        sys.exit(0 if u.urlopen(f'http://127.0.0.1:{port}/ping', timeout=2).read().startswith(b'OK') else 1)\n    except OSError:\n        pass\nsys.exit(1)"]
+
+ENTRYPOINT ["pynsqd", "--data-path=/data"]
