@@ -26,6 +26,7 @@ from .channel import Channel
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
 from .listener import open_listener
+from .lookup import Lookup
 from . import log as logging_setup
 from .http_server import HTTPError, Response, respond
 from .log import LEVELS, get_logger
@@ -96,6 +97,8 @@ class NSQD:
         self.event_hooks: list[Callable[[str, Topic, Channel | None], None]] = []
         # long-running tasks of optional subsystems, started in the daemon's nursery
         self.services: list[Callable[[], Awaitable[None]]] = []
+        # nsqlookupd registration and new topics' channel pre-creation
+        self.lookup = Lookup(self).install()
         if options.statsd_address:
             from .statsd import StatsdService
 

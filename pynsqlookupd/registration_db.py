@@ -10,12 +10,13 @@ tombstones belong to one (topic, producer) pair.
 Time is passed in (``now``, wall-clock seconds) so that the class never reads
 a clock: tests drive it directly.
 
-One deliberate difference from Go: nsqlookupd keeps a registration key with
-an empty producer list forever once its last producer leaves, so topics of
-nsqds long gone stay in ``/topics`` until someone deletes them by hand.  Here a
-key created implicitly by a producer disappears with its last producer; keys
-created through the HTTP API (``/topic/create``, ``/channel/create``) are
-*pinned* and stay until deleted, as in Go.
+As in Go, a key outlives its producers: once the last producer of a topic or
+channel leaves, the key stays with an empty producer list, so ``/topics`` and
+``/channels`` still list it, ``/lookup`` answers 200 with no producers and
+nsqadmin keeps showing it, until it is deleted over HTTP.  The exceptions are
+Go's too: UNREGISTER of an ephemeral channel (or ephemeral topic) that leaves
+it without producers removes the key.  What never survives a peer is the peer
+itself: a disconnected nsqd is in no producer list.
 """
 
 from __future__ import annotations
@@ -111,14 +112,12 @@ class RegistrationDB:
         # dicts as ordered sets: answers list things in the order they came
         self._registrations: dict[Registration, dict[str, Producer]] = {}
         self._by_peer: dict[str, dict[Registration, None]] = {}
-        self._pinned: set[Registration] = set()
 
     # ------------------------------------------------------------ primitives
 
     def add_registration(self, reg: Registration) -> None:
-        """Create (and pin) a key with no producer, as the HTTP API does."""
+        """Create a key with no producer, as the HTTP API does."""
         self._registrations.setdefault(reg, {})
-        self._pinned.add(reg)
 
     def add_producer(self, reg: Registration, producer: Producer) -> bool:
         """True if the peer was not registered there yet.  An existing producer
@@ -132,21 +131,18 @@ class RegistrationDB:
         return True
 
     def remove_producer(self, reg: Registration, peer_id: str) -> tuple[bool, int]:
-        """-> (was it there, producers left)."""
+        """-> (was it there, producers left).  The key stays even with no
+        producer left (Go's ``RemoveProducer``)."""
         producers = self._registrations.get(reg)
         if producers is None:
             return False, 0
         removed = producers.pop(peer_id, None) is not None
         if removed:
             self._unindex(peer_id, reg)
-        left = len(producers)
-        if left == 0 and reg not in self._pinned:
-            del self._registrations[reg]
-        return removed, left
+        return removed, len(producers)
 
     def remove_registration(self, reg: Registration) -> None:
-        """Drop a key and all its producers, pinned or not."""
-        self._pinned.discard(reg)
+        """Drop a key and all its producers."""
         producers = self._registrations.pop(reg, None)
         for peer_id in producers or ():
             self._unindex(peer_id, reg)
@@ -188,9 +184,6 @@ class RegistrationDB:
         for reg, producers in self._registrations.items():
             yield reg, list(producers.values())
 
-    def is_pinned(self, reg: Registration) -> bool:
-        return reg in self._pinned
-
     def topics(self) -> list[str]:
         return [r.key for r in self._registrations if r.category == TOPIC]
 
@@ -221,9 +214,10 @@ class RegistrationDB:
 
         * with a channel: only that channel; an ephemeral channel left without
           producers is removed outright (even if created through HTTP);
-        * topic only: the topic and this peer's channels of it.  nsqd always
-          unregisters its channels first, so channels removed here are
-          ``unexpected`` (Go logs a warning for them).
+        * topic only: the topic and this peer's channels of it (nsqd
+          unregisters its channels itself, so channels removed here are
+          ``unexpected``: Go logs a warning for them); an ephemeral topic left
+          without producers is removed outright.
         """
         removed: list[Registration] = []
         unexpected: list[Registration] = []
@@ -239,8 +233,11 @@ class RegistrationDB:
             if self.remove_producer(reg, peer.id)[0]:
                 unexpected.append(reg)
         reg = Registration(TOPIC, topic)
-        if self.remove_producer(reg, peer.id)[0]:
+        was_there, left = self.remove_producer(reg, peer.id)
+        if was_there:
             removed.append(reg)
+        if left == 0 and is_ephemeral(topic):
+            self.remove_registration(reg)
         return removed, unexpected
 
     def remove_peer(self, peer_id: str) -> list[Registration]:

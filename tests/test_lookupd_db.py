@@ -1,5 +1,5 @@
-"""The registration DB, directly: Go's semantics plus our pruning of keys
-nobody produces any more."""
+"""The registration DB, directly: Go's semantics -- keys outlive their
+producers, a peer that left is in no producer list."""
 
 from __future__ import annotations
 
@@ -62,25 +62,48 @@ def test_add_and_remove_producer() -> None:
     assert db.remove_producer(reg, p1.id) == (True, 1)
     assert db.remove_producer(reg, p1.id) == (False, 1)
     assert db.lookup_registrations(p1.id) == []
-    # the last producer leaving drops a key nobody created by hand
+    # the last producer leaving keeps the key, with nobody in it (Go)
     assert db.remove_producer(reg, p2.id) == (True, 0)
-    assert db.find_registrations(TOPIC, "t", "") == []
+    assert db.find_registrations(TOPIC, "t", "") == [reg]
+    assert db.find_producers(TOPIC, "t", "") == []
     assert db.remove_producer(reg, p2.id) == (False, 0)
-    assert len(db) == 0
+    assert db.remove_producer(Registration(TOPIC, "nope"), p2.id) == (False, 0)
+    assert len(db) == 1
 
 
-def test_pinned_registration_survives_its_producers() -> None:
+def test_registration_survives_its_producers() -> None:
     db = RegistrationDB()
     p1 = peer(1)
     db.create_topic("t")
     assert db.topics() == ["t"]
     db.register(p1, "t")
+    db.register(p1, "u", "c")  # created by a producer only
     db.remove_peer(p1.id)
-    assert state(db) == {Registration(TOPIC, "t"): set()}
-    assert db.is_pinned(Registration(TOPIC, "t"))
+    assert state(db) == {
+        Registration(TOPIC, "t"): set(),
+        Registration(TOPIC, "u"): set(),
+        Registration(CHANNEL, "u", "c"): set(),
+    }
+    assert db.topics() == ["t", "u"] and db.channels("u") == ["c"]
     db.remove_registration(Registration(TOPIC, "t"))
-    assert not db.is_pinned(Registration(TOPIC, "t"))
+    assert db.topics() == ["u"]
+
+
+def test_ephemeral_keys_go_with_their_last_unregister() -> None:
+    db = RegistrationDB()
+    p1, p2 = peer(1), peer(2)
+    for p in (p1, p2):
+        db.register(p, "t#ephemeral", "c#ephemeral")
+    db.unregister(p1, "t#ephemeral", "c#ephemeral")
+    db.unregister(p1, "t#ephemeral")
+    assert db.topics() == ["t#ephemeral"] and db.channels("t#ephemeral") == ["c#ephemeral"]
+    db.unregister(p2, "t#ephemeral", "c#ephemeral")
+    db.unregister(p2, "t#ephemeral")
     assert len(db) == 0
+    # a disconnect is not an UNREGISTER: Go keeps even ephemeral keys then
+    db.register(p1, "e#ephemeral", "c#ephemeral")
+    db.remove_peer(p1.id)
+    assert state(db) == {Registration(TOPIC, "e#ephemeral"): set(), Registration(CHANNEL, "e#ephemeral", "c#ephemeral"): set()}
 
 
 def test_register_adds_channel_and_topic() -> None:
@@ -109,7 +132,7 @@ def test_unregister_channel_and_ephemeral_channel() -> None:
     assert db.channels("t") == ["d"]
     db.unregister(p1, "t", "d")
     db.unregister(p2, "t", "d")
-    assert db.channels("t") == ["d"]  # pinned, not ephemeral
+    assert db.channels("t") == ["d"]  # not ephemeral: stays
 
 
 def test_topic_unregister_removes_own_channels_only() -> None:
@@ -123,6 +146,7 @@ def test_topic_unregister_removes_own_channels_only() -> None:
     assert removed == [Registration(TOPIC, "t")]
     assert sorted(r.subkey for r in unexpected) == ["a", "b"]
     assert state(db) == {
+        Registration(CHANNEL, "t", "a"): set(),
         Registration(CHANNEL, "t", "b"): {p2.id},
         Registration(TOPIC, "t"): {p2.id},
         Registration(CHANNEL, "u", "a"): {p1.id},
@@ -139,7 +163,11 @@ def test_remove_peer_drops_everything_of_that_peer() -> None:
     db.register(p2, "t")
     removed = db.remove_peer(p1.id)
     assert set(removed) == {CLIENT_REGISTRATION, Registration(TOPIC, "t"), Registration(CHANNEL, "t", "c")}
-    assert state(db) == {CLIENT_REGISTRATION: {p2.id}, Registration(TOPIC, "t"): {p2.id}}
+    assert state(db) == {
+        CLIENT_REGISTRATION: {p2.id},
+        Registration(TOPIC, "t"): {p2.id},
+        Registration(CHANNEL, "t", "c"): set(),
+    }
     assert db.remove_peer(p1.id) == []
 
 
@@ -206,7 +234,7 @@ def test_inactive_filter_uses_shared_peer_info() -> None:
 # ---------------------------------------------------------------- model-based
 
 PEERS = [peer(n) for n in range(3)]
-TOPICS = ["t0", "t1"]
+TOPICS = ["t0", "t1", "e#ephemeral"]
 CHANNELS = ["c0", "c1", "e#ephemeral"]
 
 peer_ids = st.integers(0, len(PEERS) - 1)
@@ -232,11 +260,13 @@ class Model:
 
     def __init__(self) -> None:
         self.regs: dict[Registration, set[str]] = {}
-        self.pinned: set[Registration] = set()
         self.tombstoned: set[tuple[str, str]] = set()
+        # peers that disconnected and have not registered anything since
+        self.gone: set[str] = set()
 
     def add(self, reg: Registration, pid: str) -> None:
         self.regs.setdefault(reg, set()).add(pid)
+        self.gone.discard(pid)
 
     def discard(self, reg: Registration, pid: str) -> int:
         peers = self.regs.get(reg, set())
@@ -250,15 +280,9 @@ class Model:
             self.discard(reg, pid)
         if reg.category == TOPIC:
             self.tombstoned = {(t, p) for t, p in self.tombstoned if t != reg.key}
-        self.pinned.discard(reg)
 
-    def pin(self, reg: Registration) -> None:
+    def create(self, reg: Registration) -> None:
         self.regs.setdefault(reg, set())
-        self.pinned.add(reg)
-
-    def normalise(self) -> None:
-        for reg in [r for r, peers in self.regs.items() if not peers and r not in self.pinned]:
-            del self.regs[reg]
 
     def apply(self, op: tuple) -> None:
         kind = op[0]
@@ -278,7 +302,9 @@ class Model:
             else:
                 for reg in [r for r in self.regs if r.category == CHANNEL and r.key == topic]:
                     self.discard(reg, pid)
-                self.discard(Registration(TOPIC, topic), pid)
+                reg = Registration(TOPIC, topic)
+                if self.discard(reg, pid) == 0 and topic.endswith("#ephemeral"):
+                    self.drop(reg)
         elif kind == "tombstone":
             pid, topic = PEERS[op[1]].id, op[2]
             if pid in self.regs.get(Registration(TOPIC, topic), set()):
@@ -287,17 +313,17 @@ class Model:
             pid = PEERS[op[1]].id
             for reg in list(self.regs):
                 self.discard(reg, pid)
+            self.gone.add(pid)
         elif kind == "create_topic":
-            self.pin(Registration(TOPIC, op[1]))
+            self.create(Registration(TOPIC, op[1]))
         elif kind == "create_channel":
-            self.pin(Registration(CHANNEL, op[1], op[2]))
-            self.pin(Registration(TOPIC, op[1]))
+            self.create(Registration(CHANNEL, op[1], op[2]))
+            self.create(Registration(TOPIC, op[1]))
         elif kind == "delete_topic":
             for reg in [r for r in self.regs if r.category in (TOPIC, CHANNEL) and r.key == op[1]]:
                 self.drop(reg)
         elif kind == "delete_channel":
             self.drop(Registration(CHANNEL, op[1], op[2]))
-        self.normalise()
 
 
 def apply_to_db(db: RegistrationDB, op: tuple) -> None:
@@ -324,8 +350,13 @@ def apply_to_db(db: RegistrationDB, op: tuple) -> None:
 
 def check(db: RegistrationDB, model: Model) -> None:
     assert state(db) == model.regs
-    for reg in model.regs:
-        assert db.is_pinned(reg) == (reg in model.pinned)
+    # no stale producers: a peer that left is in no producer list, by any query
+    for pid in model.gone:
+        assert db.lookup_registrations(pid) == []
+        for category in (CLIENT, TOPIC, CHANNEL):
+            assert pid not in {p.peer.id for p in db.find_producers(category, "*", "*")}
+        for reg in db.find_registrations(CHANNEL, "*", "*") + db.find_registrations(TOPIC, "*", ""):
+            assert db.producer(reg, pid) is None
     for p in PEERS:
         expected = {reg for reg, peers in model.regs.items() if p.id in peers}
         got = db.lookup_registrations(p.id)
@@ -337,7 +368,7 @@ def check(db: RegistrationDB, model: Model) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(operations, max_size=40))
-def test_any_sequence_matches_model_and_leaves_no_stale_entries(ops: list[tuple]) -> None:
+def test_any_sequence_matches_model_and_leaves_no_stale_producers(ops: list[tuple]) -> None:
     db = RegistrationDB()
     model = Model()
     for op in ops:
@@ -348,7 +379,7 @@ def test_any_sequence_matches_model_and_leaves_no_stale_entries(ops: list[tuple]
         db.remove_peer(p.id)
         model.apply(("disconnect", PEERS.index(p)))
     check(db, model)
-    # only what the HTTP API created is left, and with no producer
-    assert state(db) == {reg: set() for reg in model.pinned}
+    # every key is still there (Go keeps them), and none has a producer
+    assert state(db) == {reg: set() for reg in model.regs}
     for p in PEERS:
         assert db.lookup_registrations(p.id) == []

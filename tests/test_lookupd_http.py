@@ -286,12 +286,16 @@ def test_disconnect_removes_registrations(lookupd: LookupdProcess, nsqd_factory:
     assert lookupd.lookup_nodes(topic) == {a.node, b.node}
     a.close()
     wait_until(lambda: lookupd.lookup_nodes(topic) == {b.node})
-    assert lookupd.get(f"/channels?topic={topic}") == {"channels": []}
+    # the channel key outlives its producer, as in Go
+    assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["ch"]}
     assert a.broadcast_address not in {n["broadcast_address"] for n in lookupd.get("/nodes")["producers"]}
     b.close()
-    # created by producers only, so it goes with the last one
-    wait_until(lambda: lookupd.lookup_nodes(topic) is None)
-    assert topic not in lookupd.get("/topics")["topics"]
+    # no stale producers, but the topic is still known: /lookup answers 200
+    wait_until(lambda: lookupd.lookup_nodes(topic) == set())
+    assert lookupd.get(f"/lookup?topic={topic}") == {"channels": ["ch"], "producers": []}
+    assert topic in lookupd.get("/topics")["topics"]
+    nodes = {n["broadcast_address"] for n in lookupd.get("/nodes")["producers"]}
+    assert not nodes & {a.broadcast_address, b.broadcast_address}
 
 
 def test_unregister_over_tcp(lookupd: LookupdProcess, nsqd_factory: Callable[[], FakeNsqd]) -> None:
@@ -300,9 +304,17 @@ def test_unregister_over_tcp(lookupd: LookupdProcess, nsqd_factory: Callable[[],
     a.register(topic, "x")
     a.register(topic, "y")
     a.unregister(topic, "x")
-    assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["y"]}
-    a.unregister(topic)  # takes channel y along
-    assert lookupd.lookup_nodes(topic) is None
+    assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["x", "y"]}
+    a.unregister(topic)  # takes its registration of channel y along
+    assert lookupd.lookup_nodes(topic) == set()
+    assert lookupd.get("/debug").get(f"channel:{topic}:y") is None
+    # ephemeral keys go with their last UNREGISTER
+    eph = unique("eph") + "#ephemeral"
+    a.register(eph, "c#ephemeral")
+    a.unregister(eph, "c#ephemeral")
+    a.unregister(eph)
+    assert lookupd.lookup_nodes(eph) is None
+    assert lookupd.get(f"/channels?topic={eph}") == {"channels": []}
 
 
 # ---------------------------------------------------------------- admin
@@ -511,5 +523,6 @@ async def test_in_process_daemon_cleans_up_on_disconnect_and_shutdown() -> None:
         await streams[0].aclose()
         await wait_for(lambda: len(lookupd.db.find_producers(TOPIC, "inproc", "")) == 1)
         # leaving the block with a connection still open must not hang
-    assert lookupd.db.topics() == []
+    assert lookupd.db.find_producers(TOPIC, "inproc", "") == []
+    assert lookupd.db.topics() == ["inproc"]
     await streams[1].aclose()

@@ -186,10 +186,18 @@ def test_register_and_unregister(proto: LookupProtocolV1, db: RegistrationDB) ->
         Registration(TOPIC, "u"): {REMOTE},
     }
     assert send(proto, b"UNREGISTER t c\n") == [b"OK"]
-    assert db.channels("t") == ["d"]
+    # the key stays, without this producer (Go)
+    assert db.channels("t") == ["c", "d"]
+    assert db.find_producers(CHANNEL, "t", "c") == []
     # topic-only UNREGISTER takes this producer's channels of the topic with it
     assert send(proto, b"UNREGISTER t\n") == [b"OK"]
-    assert state(db) == {CLIENT_REGISTRATION: {REMOTE}, Registration(TOPIC, "u"): {REMOTE}}
+    assert state(db) == {
+        CLIENT_REGISTRATION: {REMOTE},
+        Registration(CHANNEL, "t", "c"): set(),
+        Registration(TOPIC, "t"): set(),
+        Registration(CHANNEL, "t", "d"): set(),
+        Registration(TOPIC, "u"): {REMOTE},
+    }
     # unregistering what is not there is fine
     assert send(proto, b"UNREGISTER nothing here\n") == [b"OK"]
     assert not proto.closed
@@ -227,7 +235,13 @@ def test_connection_lost_removes_registrations(proto: LookupProtocolV1, db: Regi
     assert set(removed) == {
         CLIENT_REGISTRATION, Registration(TOPIC, "t"), Registration(CHANNEL, "t", "c"), Registration(TOPIC, "u"),
     }
-    assert state(db) == {CLIENT_REGISTRATION: {"127.0.0.1:9"}, Registration(TOPIC, "t"): {"127.0.0.1:9"}}
+    # no stale producers; the keys stay (Go)
+    assert state(db) == {
+        CLIENT_REGISTRATION: {"127.0.0.1:9"},
+        Registration(TOPIC, "t"): {"127.0.0.1:9"},
+        Registration(CHANNEL, "t", "c"): set(),
+        Registration(TOPIC, "u"): set(),
+    }
     assert proto.closed
 
 
@@ -284,6 +298,8 @@ def test_script_replies() -> None:
     assert not closed
     assert db_state == {
         CLIENT_REGISTRATION: {REMOTE},
+        Registration(TOPIC, "topic_a"): set(),
+        Registration(CHANNEL, "topic_a", "chan_1"): set(),
         Registration(TOPIC, "topic_b"): {REMOTE},
         Registration(TOPIC, "topic_c"): {REMOTE},
         Registration(CHANNEL, "topic_c", "x"): {REMOTE},
