@@ -18,6 +18,7 @@ them out.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -74,6 +75,9 @@ class ReaderConfig:
     reconnect_interval: float = 1.0  # first retry; doubles per failure
     max_reconnect_interval: float = 60.0
     stop_timeout: float = 30.0  # graceful stop waits this long for handlers
+    # None: one task per message (up to max_in_flight at once); N: N worker
+    # tasks taking messages in arrival order (1 = sequential, like go-nsq's AddHandler)
+    concurrency: int | None = None
 
 
 @attrs.frozen
@@ -206,6 +210,7 @@ class Reader:
         self._targets: dict[str, trio.CancelScope] = {}
         self._static = set(self.nsqd_tcp_addresses)
         self._exit_stack: Any = None
+        self._queue: trio.MemorySendChannel[Message] | None = None
 
     def _new_rdy(self, now: float) -> RdyController[str]:
         cfg = self.config
@@ -254,6 +259,12 @@ class Reader:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._rdy_loop)
+                if self.config.concurrency:
+                    # unbounded is fine: RDY already bounds what can arrive
+                    send, receive = trio.open_memory_channel[Message](math.inf)
+                    self._queue = send
+                    for _ in range(self.config.concurrency):
+                        nursery.start_soon(self._worker, receive)
                 for address in self.nsqd_tcp_addresses:
                     self._want(address)
                 if self.lookupd_http_addresses:
@@ -425,8 +436,11 @@ class Reader:
                 message = Message(event.id, event.body, event.attempts, event.timestamp, conn.address, responder=rc)
                 rc.in_flight[event.id] = message
                 self.rdy.message_received(conn.address, now)
-                assert self._nursery is not None
-                self._nursery.start_soon(self._handle, message, name=f"nsq handler {event.id!r}")
+                if self._queue is not None:
+                    self._queue.send_nowait(message)
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._handle, message, name=f"nsq handler {event.id!r}")
             elif isinstance(event, CloseWait):
                 self.log.info("CLOSE_WAIT from nsqd", address=conn.address)
                 if not rc.in_flight:
@@ -450,6 +464,10 @@ class Reader:
             self._apply(self.rdy.message_requeued(now, backoff=backoff))
         if rc.conn.proto.close_wait and not rc.in_flight:
             rc.conn.close()
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
+        async for message in receive:
+            await self._handle(message)
 
     async def _handle(self, message: Message) -> None:
         cfg = self.config

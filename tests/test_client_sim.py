@@ -620,3 +620,28 @@ def test_stream_layers_round_trip_any_chunking():
         trio.run(main)
 
     check()
+
+
+async def test_concurrency_one_handles_in_arrival_order(autojump_clock):
+    cluster = Cluster()
+    cluster.add("10.0.0.1:4150", [f"{i}".encode() for i in range(20)])
+    order: list[int] = []
+    running = {"now": 0, "max": 0}
+
+    async def handler(message: Message) -> None:
+        running["now"] += 1
+        running["max"] = max(running["max"], running["now"])
+        await trio.sleep(0.1)
+        order.append(int(message.body))
+        running["now"] -= 1
+
+    async with trio.open_nursery() as nursery:
+        cluster.nursery = nursery
+        reader = Reader(
+            "t", "c", handler, nsqd_tcp_addresses=["10.0.0.1:4150"], max_in_flight=10, concurrency=1, open_stream=cluster.open_stream, **SIM
+        )
+        await nursery.start(reader.run)
+        await wait_until(lambda: len(order) == 20)
+        await reader.stop()
+        nursery.cancel_scope.cancel()
+    assert order == list(range(20)) and running["max"] == 1

@@ -88,6 +88,7 @@ async def run_tail(opts: TailOptions, extra: dict[str, object], out: object = No
             nsqd_tcp_addresses=opts.nsqd_tcp_addresses,
             lookupd_http_addresses=opts.lookupd_http_addresses,
             max_in_flight=max_in_flight,
+            concurrency=1,  # print in arrival order
             **extra,  # type: ignore[arg-type]
         )
         for topic in opts.topic
