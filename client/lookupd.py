@@ -16,8 +16,6 @@ from urllib.parse import quote
 
 import attrs
 
-from pynsqd.http_client import HTTPClientError, http_get
-
 
 class LookupError_(Exception):
     """A lookupd answered with something that is not a lookup result."""
@@ -77,12 +75,18 @@ def producer_http_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
 
 
 async def query_lookupd(address: str, topic: str, timeout: float) -> list[dict[str, Any]]:
-    """Raises LookupError_ (or HTTPClientError) when there is no usable answer."""
-    resp = await http_get(lookup_url(address, topic), timeout=timeout, connect_timeout=min(timeout, 2.0))
+    """Raises LookupError_ when there is no usable answer."""
+    # imported here: a Reader given only nsqd addresses needs no HTTP at all
+    from pynsqd.http_client import HTTPClientError, http_get
+
+    try:
+        resp = await http_get(lookup_url(address, topic), timeout=timeout, connect_timeout=min(timeout, 2.0))
+    except HTTPClientError as exc:
+        raise LookupError_(str(exc)) from exc
     return parse_lookup(resp.status, resp.body)
 
 
-QueryErrors = (HTTPClientError, LookupError_, ValueError)
+QueryErrors = (LookupError_, ValueError)
 
 
 @attrs.define

@@ -321,28 +321,22 @@ class Reader:
         self._conns_changed.set()
         self._conns_changed = trio.Event()
 
-    def _apply(self, updates: list[RdyUpdate[str]]) -> None:
+    def _apply(self, updates: list[RdyUpdate[str]], *, from_timer: bool = False) -> None:
         for key, count in updates:
             rc = self.connections.get(key)
             if rc is not None and not rc.conn.proto.closing:
                 rc.conn.proto.rdy(count)
                 rc.conn.wake()
-        # deadlines may have moved
-        self._rdy_wakeup.set()
+        if not from_timer:
+            # an event may have moved a deadline (backoff pause, RDY retry)
+            self._rdy_wakeup.set()
 
     async def _rdy_loop(self) -> None:
         while True:
             with trio.move_on_at(self.rdy.next_deadline()):
                 await self._rdy_wakeup.wait()
             self._rdy_wakeup = trio.Event()
-            self._apply_quiet(self.rdy.advance(self._now()))
-
-    def _apply_quiet(self, updates: list[RdyUpdate[str]]) -> None:
-        for key, count in updates:
-            rc = self.connections.get(key)
-            if rc is not None and not rc.conn.proto.closing:
-                rc.conn.proto.rdy(count)
-                rc.conn.wake()
+            self._apply(self.rdy.advance(self._now()), from_timer=True)
 
     # -- targets: which nsqds we want a connection to
 

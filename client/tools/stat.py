@@ -15,7 +15,6 @@ import attrs
 import trio
 
 from pynsqd.flags import flag_field, run_cli
-from pynsqd.http_client import HTTPClientError, http_get
 
 from ..lookupd import QueryErrors, producer_http_addresses, query_lookupd
 from .common import version_line
@@ -102,6 +101,8 @@ def row(cur: ChannelSample, prev: ChannelSample | None, interval: float) -> str:
 async def fetch_stats(address: str, topic: str, channel: str, timeout: float) -> dict[str, Any] | None:
     base = address if "://" in address else f"http://{address}"
     url = f"{base.rstrip('/')}/stats?format=json&topic={quote(topic)}&channel={quote(channel)}"
+    from pynsqd.http_client import HTTPClientError, http_get
+
     try:
         resp = await http_get(url, timeout=timeout)
         if resp.status != 200:
