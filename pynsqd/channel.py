@@ -91,6 +91,11 @@ class Channel:
         self.message_count = 0
         self.requeue_count = 0
         self.timeout_count = 0
+        # a backend with tracked reads keeps every message on disk until FIN
+        self.durable = bool(getattr(backend, "track_acks", False))
+        # id -> due time (unix ns) of messages that were deferred when the
+        # daemon last stopped; applied when they are read back
+        self.pending_deferrals: dict[bytes, int] = {}
 
     def __repr__(self) -> str:
         return f"Channel({self.topic_name}:{self.name})"
@@ -140,13 +145,18 @@ class Channel:
         msg.client = None
         if len(self.memory) < self.mem_queue_size:
             self.memory.append(msg)
-        else:
-            try:
-                self.backend.put(msg.encode())
-            except Exception:
-                # keep it rather than lose it: memory may exceed its bound briefly
-                log.warning("backend write failed on requeue, keeping message in memory", channel=self.name, topic=self.topic_name)
-                self.memory.append(msg)
+            return
+        try:
+            self.backend.put(msg.encode())
+        except Exception:
+            # keep it rather than lose it: memory may exceed its bound briefly
+            log.warning("backend write failed on requeue, keeping message in memory", channel=self.name, topic=self.topic_name)
+            self.memory.append(msg)
+            return
+        if msg.token is not None:
+            # stored again at the tail: the old record is no longer needed
+            self.backend.ack(msg.token)  # type: ignore[attr-defined]
+            msg.token = None
 
     # ------------------------------------------------------------ delivery
 
@@ -158,16 +168,32 @@ class Channel:
             use_backend = backend.depth() > 0 and (not mem or self._backend_turn)
             if use_backend:
                 self._backend_turn = False
-                data = backend.get()
+                token = None
+                if self.durable:
+                    item = backend.get_tracked()  # type: ignore[attr-defined]
+                    data, token = item if item is not None else (None, None)
+                else:
+                    data = backend.get()
                 if data is None:
                     if not mem:
                         return None
                     continue
                 try:
-                    return Message.decode(data)
+                    msg = Message.decode(data)
                 except ValueError:
                     log.error("failed to decode message from backend", channel=self.name, topic=self.topic_name)
+                    if token is not None:
+                        backend.ack(token)  # type: ignore[attr-defined]
                     continue
+                msg.token = token
+                if self.pending_deferrals:
+                    due = self.pending_deferrals.pop(msg.id, None)
+                    if due is not None:
+                        remaining = (due - time.time_ns()) / 1e9
+                        if remaining > 0:
+                            self._defer(msg, self._clock() + remaining)
+                            continue
+                return msg
             if mem:
                 self._backend_turn = True
                 return mem.popleft()
@@ -210,6 +236,9 @@ class Channel:
 
     def _start_in_flight(self, msg: Message, client: ClientV2, now: float) -> None:
         msg.attempts += 1
+        if msg.token is not None:
+            # the record on disk counts the attempt too, for a redelivery after a crash
+            self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
         msg.client = client
         msg.delivered_at = now
         deadline = now + client.msg_timeout
@@ -295,6 +324,8 @@ class Channel:
 
     def finish(self, client: ClientV2, msg_id: bytes) -> None:
         msg = self._pop_in_flight(client, msg_id)
+        if msg.token is not None:
+            self.backend.ack(msg.token)  # type: ignore[attr-defined]
         client.message_done()
         client.finish_count += 1
         if self.e2e is not None:
@@ -430,10 +461,19 @@ class Channel:
         self._deferred_heap.clear()
         self.backend.delete()
 
-    def flush_to_backend(self) -> None:
-        """Shutdown: everything unfinished goes to the backend — in-flight
-        messages (they will be redelivered, attempts kept), the memory queue,
-        then deferred messages."""
+    def flush_to_backend(self) -> dict[bytes, int]:
+        """Shutdown: everything unfinished goes to the backend as ordinary
+        messages (a Go nsqd reads them too) — in-flight ones (redelivered
+        later, attempts kept), the memory queue, then deferred ones.
+
+        Returns the deferrals to keep beside the queue: id -> due time (unix
+        ns), for deferred messages and for those read back from a previous
+        shutdown's list that have not come up yet."""
+        now_wall = time.time_ns()
+        now = self._clock()
+        deferrals = dict(self.pending_deferrals)
+        for msg in self.deferred.values():
+            deferrals[msg.id] = now_wall + max(0, int((msg.due - now) * 1e9))
         msgs = list(self.in_flight.values()) + list(self.memory) + list(self.deferred.values())
         self.in_flight.clear()
         self._in_flight_heap.clear()
@@ -442,6 +482,11 @@ class Channel:
         self._deferred_heap.clear()
         if msgs:
             self.backend.put_many([m.encode() for m in msgs])
+            for m in msgs:
+                if m.token is not None:
+                    self.backend.ack(m.token)  # type: ignore[attr-defined]
+                    m.token = None
+        return deferrals
 
     def stats(self, include_clients: bool = True) -> dict[str, object]:
         clients = [c.stats() for c in self.clients.values()] if include_clients else []

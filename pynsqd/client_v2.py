@@ -42,7 +42,7 @@ class ClientV2:
         "connect_ts", "heartbeat_interval", "output_buffer_size", "output_buffer_timeout",
         "msg_timeout", "sample_rate", "tls", "snappy", "deflate", "deflate_level",
         "channel", "out", "flush_now", "wakeup", "closing_connection", "pub_counts",
-        "in_ready_queue", "auth_state", "tls_info", "_sample_counter",
+        "in_ready_queue", "auth_state", "tls_info", "_sample_counter", "hold_output",
     )
 
     def __init__(self, client_id: int, remote_address: str, options: Options) -> None:
@@ -76,6 +76,8 @@ class ClientV2:
         self.wakeup: Callable[[], None] = _noop
         # set when the daemon wants this connection closed (channel deleted, shutdown)
         self.closing_connection = False
+        # replies wait while the connection's publishes are being made durable
+        self.hold_output = False
         self.pub_counts: dict[str, int] = {}
         self.in_ready_queue = False
         self.auth_state: object | None = None

@@ -78,7 +78,7 @@ class HTTPAPI:
             raise HTTPError(404, "TOPIC_NOT_FOUND")
         return topic, channel_name
 
-    def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
+    async def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
         try:
             topic.put_messages(msgs)
         except TopicExiting:
@@ -86,6 +86,8 @@ class HTTPAPI:
         except BackendError as exc:
             self.nsqd.note_put_failure(exc)
             raise HTTPError(500, failed) from None
+        if self.nsqd.sync_pending():
+            await self.nsqd.sync_barrier()
         if self.nsqd.health_error is not None:
             self.nsqd.note_put_success()
         return respond("OK")
@@ -133,7 +135,7 @@ class HTTPAPI:
             if ms < 0 or ms > self.nsqd.options.max_req_timeout * 1000:
                 raise HTTPError(400, "INVALID_DEFER")
             deferred = ms / 1000.0
-        return self._put(topic, [topic.new_message(body, deferred)], "PUB_FAILED")
+        return await self._put(topic, [topic.new_message(body, deferred)], "PUB_FAILED")
 
     async def mpub(self, req: Request) -> Response:
         opts = self.nsqd.options
@@ -155,7 +157,7 @@ class HTTPAPI:
         topic = self.nsqd.get_topic(name)
         if not bodies:
             return respond("OK")
-        return self._put(topic, topic.new_messages(bodies), "MPUB_FAILED")
+        return await self._put(topic, topic.new_messages(bodies), "MPUB_FAILED")
 
     async def stats(self, req: Request) -> Response:
         n = self.nsqd

@@ -16,9 +16,12 @@ class Message:
 
     ``deferred`` is the delay (seconds) asked for at publish time (DPUB,
     ``/pub?defer=``); the in-flight fields are set while a client holds it.
+    ``token`` identifies its still-unacknowledged disk record when the queue
+    tracks reads (``--sync-every=1``): the record is acknowledged once the
+    message is finished or stored again.
     """
 
-    __slots__ = ("id", "body", "timestamp", "attempts", "deferred", "client", "delivered_at", "deadline", "due")
+    __slots__ = ("id", "body", "timestamp", "attempts", "deferred", "client", "delivered_at", "deadline", "due", "token")
 
     def __init__(self, msg_id: bytes, body: bytes, timestamp: int | None = None, attempts: int = 0, deferred: float = 0.0) -> None:
         self.id = msg_id
@@ -30,6 +33,7 @@ class Message:
         self.delivered_at = 0.0
         self.deadline = 0.0
         self.due = 0.0
+        self.token: int | None = None
 
     def copy(self) -> Message:
         return Message(self.id, self.body, self.timestamp, self.attempts, self.deferred)

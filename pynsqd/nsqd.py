@@ -87,7 +87,12 @@ class NSQD:
         self.auth: Any | None = None
         self.exiting = False
         self._sync_due: set[BackendQueue] = set()
-        self._sync_locks: dict[int, trio.Lock] = {}
+        self._rounds_started = 0
+        self._rounds_done = 0
+        self._round_finished = trio.Event()
+        # --sync-every=1: every acknowledged message is on disk before the
+        # reply, written through (no memory queue) and kept until FIN
+        self.durable = options.sync_every == 1
         self._lock_fd: int | None = None
         self._loading = False
         # called after PUT /config changes options (the lookupd connections)
@@ -131,23 +136,41 @@ class NSQD:
         self._sync_due.add(backend)
 
     def sync_pending(self) -> bool:
-        return bool(self._sync_due)
+        """A sync is due or running: replies must wait for :meth:`sync_barrier`."""
+        return bool(self._sync_due) or self._rounds_started != self._rounds_done
 
-    async def sync_due_queues(self) -> None:
-        """Sync every queue that reached --sync-every, off the event loop.
+    async def sync_barrier(self) -> None:
+        """Return once everything written before the call that --sync-every
+        asks to be durable is on disk (group commit).
 
-        Connections call this after a batch of commands and before their
-        replies go out, so one fsync covers many publishes (group commit)."""
-        due, self._sync_due = self._sync_due, set()
-        for backend in due:
-            prepare = getattr(backend, "prepare_sync", None)
-            if prepare is None:
-                backend.sync()
-                continue
-            job = prepare()
-            lock = self._sync_locks.setdefault(id(backend), trio.Lock())
-            async with lock:
-                await trio.to_thread.run_sync(job)
+        Connections call this after a batch of commands, before their replies
+        go out, so one fsync covers many publishes.  Syncs run in rounds, one
+        at a time: a round snapshots every due queue at its start and fsyncs
+        them in a worker thread; a caller arriving during a round waits for
+        the next one, which covers what it wrote."""
+        if not self.sync_pending():
+            return
+        need = self._rounds_started + 1
+        while self._rounds_done < need:
+            if self._rounds_started == self._rounds_done:
+                await self._sync_round()
+            else:
+                await self._round_finished.wait()
+
+    async def _sync_round(self) -> None:
+        self._rounds_started += 1
+        try:
+            due, self._sync_due = self._sync_due, set()
+            jobs = [b.prepare_sync() if hasattr(b, "prepare_sync") else b.sync for b in due]
+            if jobs:
+                errors = await trio.to_thread.run_sync(_run_sync_jobs, jobs)
+                for err in errors:
+                    self.health_error = str(err)
+                    self.log.error("sync failed", error=str(err))
+        finally:
+            self._rounds_done += 1
+            finished, self._round_finished = self._round_finished, trio.Event()
+            finished.set()
 
     async def _sync_ticker(self) -> None:
         """--sync-timeout: make dirty queues durable even when idle."""
@@ -156,8 +179,7 @@ class NSQD:
             for backend in self._all_backends():
                 if getattr(backend, "dirty", False):
                     self._sync_due.add(backend)
-            if self._sync_due:
-                await self.sync_due_queues()
+            await self.sync_barrier()
 
     def _all_backends(self) -> list[BackendQueue]:
         out: list[BackendQueue] = []
@@ -301,9 +323,46 @@ class NSQD:
             max_msg_size=o.max_msg_size + 26,
             sync_every=o.sync_every,
             on_sync_due=self._mark_sync_due,
+            track_acks=self.durable,
         )
 
     # ------------------------------------------------------------ topics
+
+    def _mem_queue_size(self, ephemeral: bool) -> int:
+        return 0 if self.durable and not ephemeral else self.options.mem_queue_size
+
+    # ------------------------------------------------------------ deferrals kept beside queues
+
+    def _deferrals_path(self, queue_name: str) -> str:
+        return os.path.join(self.data_path, f"{queue_name}.pynsqd-deferred.json")
+
+    def _load_deferrals(self, queue_name: str) -> dict[bytes, Any]:
+        """Deferral times saved at the last shutdown, for messages stored as
+        ordinary (Go-readable) records in the queue."""
+        try:
+            with open(self._deferrals_path(queue_name), "rb") as fh:
+                data = json.load(fh)
+            return {k.encode(): v for k, v in data.get("deferred", {}).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            self.log.error("ignoring unreadable deferral file", queue=queue_name, error=str(exc))
+            return {}
+
+    def _save_deferrals(self, queue_name: str, deferrals: dict[bytes, Any]) -> None:
+        path = self._deferrals_path(queue_name)
+        if not deferrals:
+            _unlink_quiet(path)
+            return
+        tmp = f"{path}.{random.getrandbits(63)}.tmp"
+        data = json.dumps({"version": 1, "deferred": {k.decode(): v for k, v in deferrals.items()}}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
 
     def get_topic(self, name: str) -> Topic:
         topic = self.topics.get(name)
@@ -312,7 +371,7 @@ class NSQD:
         topic = Topic(
             name,
             backend=self._backend_factory(name, is_ephemeral(name)),
-            mem_queue_size=self.options.mem_queue_size,
+            mem_queue_size=self._mem_queue_size(is_ephemeral(name)),
             node_id=self.options.node_id,
             make_channel=self._make_channel,
             on_backlog=self._start_drain,
@@ -320,6 +379,8 @@ class NSQD:
             on_channel_deleted=self._channel_deleted,
             on_empty_ephemeral=lambda t: self.delete_existing_topic(t.name),
         )
+        if not topic.ephemeral:
+            topic.pending_deferrals = self._load_deferrals(name)
         self.topics[name] = topic
         self.log.info("TOPIC: created", topic=name)
         if not topic.ephemeral:
@@ -336,6 +397,7 @@ class NSQD:
             return False
         self.log.info("TOPIC: deleting", topic=name)
         topic.delete()
+        _unlink_quiet(self._deferrals_path(name))
         if not topic.ephemeral:
             self.metadata_changed()
         self._emit("topic_deleted", topic, None)
@@ -347,7 +409,7 @@ class NSQD:
             topic.name,
             name,
             backend=self._backend_factory(f"{topic.name}:{name}", topic.ephemeral or is_ephemeral(name)),
-            mem_queue_size=self.options.mem_queue_size,
+            mem_queue_size=self._mem_queue_size(topic.ephemeral or is_ephemeral(name)),
             max_msg_timeout=self.options.max_msg_timeout,
             max_channel_consumers=self.options.max_channel_consumers,
             clock=trio.current_time,
@@ -355,6 +417,8 @@ class NSQD:
             on_delete=lambda ch: topic.delete_existing_channel(ch.name),
             e2e=self._new_latency_stream(),
         )
+        if not channel.ephemeral and not topic.ephemeral:
+            channel.pending_deferrals = self._load_deferrals(f"{topic.name}:{name}")
         self._timers[id(channel)] = timer
         if self._nursery is not None:
             self._nursery.start_soon(self._run_channel_timer, channel, timer)
@@ -387,6 +451,7 @@ class NSQD:
         self._emit("channel_created", topic, channel)
 
     def _channel_deleted(self, topic: Topic, channel: Channel) -> None:
+        _unlink_quiet(self._deferrals_path(f"{topic.name}:{channel.name}"))
         timer = self._timers.pop(id(channel), None)
         if timer is not None:
             timer.outer.cancel()
@@ -414,7 +479,18 @@ class NSQD:
 
     async def _drain_topic(self, topic: Topic) -> None:
         try:
-            while topic.drain(DRAIN_STEP):
+            while True:
+                more = topic.drain(DRAIN_STEP)
+                if topic.drained_tokens:
+                    # durable mode: the channels' copies reach the disk before
+                    # the topic's records are let go
+                    for channel in topic.channels.values():
+                        if getattr(channel.backend, "dirty", False):
+                            self._sync_due.add(channel.backend)
+                    await self.sync_barrier()
+                    topic.ack_drained()
+                if not more:
+                    break
                 await trio.sleep(0)
         finally:
             self._draining.discard(topic.name)
@@ -489,12 +565,34 @@ class NSQD:
         for topic in self.topics.values():
             for channel in topic.channels.values():
                 try:
-                    channel.flush_to_backend()
+                    deferrals = channel.flush_to_backend()
                     channel.backend.close()
+                    if not channel.ephemeral and not topic.ephemeral:
+                        self._save_deferrals(f"{topic.name}:{channel.name}", deferrals)
                 except Exception:
                     self.log.exception("failed to flush channel", topic=topic.name, channel=channel.name)
             try:
-                topic.flush_to_backend()
+                deferrals = topic.flush_to_backend()
                 topic.backend.close()
+                if not topic.ephemeral:
+                    self._save_deferrals(topic.name, deferrals)
             except Exception:
                 self.log.exception("failed to flush topic", topic=topic.name)
+
+
+def _run_sync_jobs(jobs: list[Callable[[], None]]) -> list[Exception]:
+    """Run a round's fsync jobs (in a worker thread); collect failures."""
+    errors: list[Exception] = []
+    for job in jobs:
+        try:
+            job()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+    return errors
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

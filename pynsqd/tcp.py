@@ -101,8 +101,17 @@ class ConnectionV2:
             await self._perform(action)
         nsqd = self.nsqd
         if nsqd.sync_pending():
-            # acknowledge nothing before it is as durable as --sync-every asks
-            await nsqd.sync_due_queues()
+            # acknowledge nothing before it is as durable as --sync-every asks:
+            # the writer holds this connection's replies until the sync is done
+            client = self.client
+            client.hold_output = True
+            try:
+                await nsqd.sync_barrier()
+            finally:
+                client.hold_output = False
+                if client.out:
+                    client.flush_now = True
+                    client.wakeup()
         if self.client.heartbeat_interval != self._heartbeat_interval:
             self._reset_heartbeat()
 
@@ -142,8 +151,8 @@ class ConnectionV2:
         park = self._lot.park
         try:
             while True:
-                if not client.out:
-                    if client.closing_connection:
+                if not client.out or client.hold_output:
+                    if client.closing_connection and not client.hold_output:
                         return
                     await park()
                     continue

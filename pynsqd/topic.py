@@ -64,6 +64,12 @@ class Topic:
         # while held (e.g. asking lookupd for the topic's channels) messages are
         # kept in the topic instead of going to the channels that exist so far
         self.holds = 0
+        # a backend with tracked reads: drained records are acknowledged only
+        # once the channels hold them durably (the daemon syncs, then acks)
+        self.durable = bool(getattr(backend, "track_acks", False))
+        self.drained_tokens: list[int] = []
+        # id -> publish-time delay (s) of deferred messages stored on disk
+        self.pending_deferrals: dict[bytes, float] = {}
         self.exiting = False
         self.message_count = 0
         self.message_bytes = 0
@@ -115,6 +121,10 @@ class Topic:
         # the backend write is the one step that can fail: do it first so a
         # failure leaves nothing half-accepted
         self.backend.put_many([m.encode() for m in spill])
+        for m in spill:
+            if m.deferred:
+                # the record format has no room for it: remember it beside
+                self.pending_deferrals[m.id] = m.deferred
         if room > 0:
             mem.extend(msgs[:room])
 
@@ -138,13 +148,24 @@ class Topic:
             # alternate memory and backend so that neither starves
             from_backend = not from_backend
             if backend.depth() > 0 and (from_backend or not mem):
-                data = backend.get()
-                if data is None:
-                    break
+                if self.durable:
+                    item = backend.get_tracked()  # type: ignore[attr-defined]
+                    if item is None:
+                        break
+                    data, token = item
+                    self.drained_tokens.append(token)
+                else:
+                    data = backend.get()
+                    if data is None:
+                        break
                 try:
-                    batch.append(Message.decode(data))
+                    msg = Message.decode(data)
                 except ValueError:
                     log.error("failed to decode message from backend", topic=self.name)
+                    continue
+                if self.pending_deferrals:
+                    msg.deferred = self.pending_deferrals.pop(msg.id, 0.0)
+                batch.append(msg)
             elif mem:
                 batch.append(mem.popleft())
             else:
@@ -205,12 +226,23 @@ class Topic:
         self.memory.clear()
         self.backend.empty()
 
-    def flush_to_backend(self) -> None:
-        """Shutdown: the memory queue goes to the backend."""
+    def ack_drained(self) -> None:
+        """The channels now hold the drained messages durably."""
+        tokens, self.drained_tokens = self.drained_tokens, []
+        for token in tokens:
+            self.backend.ack(token)  # type: ignore[attr-defined]
+
+    def flush_to_backend(self) -> dict[bytes, float]:
+        """Shutdown: the memory queue goes to the backend.  Returns the
+        publish-time delays to keep beside the queue (id -> seconds)."""
         if self.memory:
             msgs = list(self.memory)
             self.memory.clear()
             self.backend.put_many([m.encode() for m in msgs])
+            for m in msgs:
+                if m.deferred:
+                    self.pending_deferrals[m.id] = m.deferred
+        return dict(self.pending_deferrals)
 
     def delete(self) -> None:
         self.exiting = True

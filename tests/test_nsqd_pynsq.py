@@ -51,6 +51,8 @@ def test_pynsq_competing_readers_share_a_channel(nsqd, unique):
     assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=shared")[0] == 200
     n = 200
     readers = [start_driver("read", unique, "shared", "1000", "--nsqd", nsqd.tcp_address, "--timeout", "40") for _ in range(2)]
+    # both readers subscribed and ready before the work arrives
+    wait_for(lambda: sum(c["ready_count"] > 0 for c in nsqd.stats(unique)["topics"][0]["channels"][0]["clients"]) == 2, timeout=30)
     with RawClient(nsqd.tcp_port) as p:
         p.mpub(unique, [f"job-{i}".encode() for i in range(n)])
 
