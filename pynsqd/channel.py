@@ -4,8 +4,8 @@ Plain synchronous code (the daemon's trio edge only runs its timer): messages
 wait in a bounded memory queue backed by a ``BackendQueue`` for the overflow;
 subscribed clients that are ready (in-flight < RDY) get messages pushed to
 them round-robin the moment both exist, without a task per client or per
-message.  In-flight messages sit in a dict plus a deadline heap; deferred
-ones in a due-time heap.  ``process_timeouts(now)`` requeues what expired and
+message.  In-flight messages sit in dicts grouped by timeout, each in
+deadline order (no heap work per message); deferred ones in a due-time heap.  ``process_timeouts(now)`` requeues what expired and
 returns when it next needs to run.
 """
 
@@ -75,7 +75,13 @@ class Channel:
 
         self.memory: deque[Message] = deque()
         self.in_flight: dict[bytes, Message] = {}
-        self._in_flight_heap: list[tuple[float, int, Message]] = []
+        # in-flight messages by the timeout they were given: deliveries and
+        # TOUCHes append with deadline = now + that timeout, so each dict is
+        # in deadline order and expiry only looks at its head
+        self._flights: dict[float, dict[bytes, Message]] = {}
+        # the rare deadline that breaks that order (a TOUCH capped by
+        # --max-msg-timeout): (deadline, seq, message), checked lazily
+        self._irregular: list[tuple[float, int, Message]] = []
         self.deferred: dict[bytes, Message] = {}
         self._deferred_heap: list[tuple[float, int, Message]] = []
         self._seq = itertools.count()
@@ -241,20 +247,24 @@ class Channel:
             self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
         msg.client = client
         msg.delivered_at = now
-        deadline = now + client.msg_timeout
+        timeout = client.msg_timeout
+        deadline = now + timeout
         msg.deadline = deadline
         self.in_flight[msg.id] = msg
-        heap = self._in_flight_heap
-        heapq.heappush(heap, (deadline, next(self._seq), msg))
-        if len(heap) > 2 * len(self.in_flight) + 1024:
-            self._compact_in_flight_heap()
+        flight = self._flights.get(timeout)
+        if flight is None:
+            flight = self._flights[timeout] = {}
+        flight[msg.id] = msg
+        msg.flight = flight
         if deadline < self._next_deadline:
             self._set_next_deadline(deadline)
 
-    def _compact_in_flight_heap(self) -> None:
-        # FIN'd messages leave stale heap entries; rebuild from the live set
-        self._in_flight_heap = [(m.deadline, next(self._seq), m) for m in self.in_flight.values()]
-        heapq.heapify(self._in_flight_heap)
+    def _leave_flight(self, msg: Message) -> None:
+        flight = msg.flight
+        if flight is not None:
+            del flight[msg.id]
+            msg.flight = None
+        # an irregular entry is recognised as stale when it comes up
 
     def _set_next_deadline(self, deadline: float) -> None:
         self._next_deadline = deadline
@@ -302,6 +312,7 @@ class Channel:
         owned = [m for m in self.in_flight.values() if m.client is client]
         for msg in owned:
             del self.in_flight[msg.id]
+            self._leave_flight(msg)
             self._requeue(msg)
         client.in_flight_count = 0
         if self.ephemeral and not self.clients and not self.exiting:
@@ -320,16 +331,45 @@ class Channel:
         if msg.client is not client:
             raise ChannelError("client does not own message")
         del self.in_flight[msg_id]
+        self._leave_flight(msg)
         return msg
 
     def finish(self, client: ClientV2, msg_id: bytes) -> None:
-        msg = self._pop_in_flight(client, msg_id)
+        # the hottest path of a consumer: FIN, then usually hand the freed
+        # slot the next message, so the common case avoids the general pump
+        in_flight = self.in_flight
+        msg = in_flight.get(msg_id)
+        if msg is None:
+            raise ChannelError("ID not in flight")
+        if msg.client is not client:
+            raise ChannelError("client does not own message")
+        del in_flight[msg_id]
+        flight = msg.flight
+        if flight is not None:
+            del flight[msg_id]
+            msg.flight = None
         if msg.token is not None:
             self.backend.ack(msg.token)  # type: ignore[attr-defined]
-        client.message_done()
+        if client.in_flight_count > 0:
+            client.in_flight_count -= 1
         client.finish_count += 1
         if self.e2e is not None:
             self.e2e.add(time.time_ns() - msg.timestamp)
+        if (
+            client.in_flight_count < client.ready_count
+            and not self.paused
+            and not self._pumping
+            and not client.sample_rate
+            and (self.memory or self.backend.depth() > 0)
+        ):
+            # messages are waiting, so no other client is ready and idle (the
+            # pump never leaves one): this client takes the next one
+            nxt = self._pop()
+            if nxt is not None:
+                self._start_in_flight(nxt, client, self._clock())
+                client.deliver(nxt)
+                if client.in_flight_count >= client.ready_count:
+                    return
         self.client_ready_changed(client)
 
     def requeue(self, client: ClientV2, msg_id: bytes, delay: float) -> None:
@@ -350,11 +390,22 @@ class Channel:
         if msg.client is not client:
             raise ChannelError("client does not own message")
         now = self._clock()
-        deadline = min(now + client.msg_timeout, msg.delivered_at + self.max_msg_timeout)
-        msg.deadline = deadline
-        heapq.heappush(self._in_flight_heap, (deadline, next(self._seq), msg))
-        if len(self._in_flight_heap) > 2 * len(self.in_flight) + 1024:
-            self._compact_in_flight_heap()
+        timeout = client.msg_timeout
+        deadline = now + timeout
+        cap = msg.delivered_at + self.max_msg_timeout
+        self._leave_flight(msg)
+        if deadline <= cap:
+            msg.deadline = deadline
+            flight = self._flights.get(timeout)
+            if flight is None:
+                flight = self._flights[timeout] = {}
+            flight[msg.id] = msg  # re-appended: still in deadline order
+            msg.flight = flight
+        else:
+            msg.deadline = cap
+            heapq.heappush(self._irregular, (cap, next(self._seq), msg))
+            if cap < self._next_deadline:
+                self._set_next_deadline(cap)
 
     # ------------------------------------------------------------ deferred
 
@@ -377,13 +428,23 @@ class Channel:
 
         Returns the next time this must run (``inf`` if nothing is pending)."""
         touched: set[ClientV2] = set()
-        heap = self._in_flight_heap
         in_flight = self.in_flight
-        requeued = False
+        expired: list[Message] = []
+        for flight in self._flights.values():
+            while flight:
+                msg = next(iter(flight.values()))
+                if msg.deadline > now:
+                    break
+                del flight[msg.id]
+                msg.flight = None
+                expired.append(msg)
+        heap = self._irregular
         while heap and heap[0][0] <= now:
             deadline, _, msg = heapq.heappop(heap)
-            if in_flight.get(msg.id) is not msg or msg.deadline != deadline:
-                continue  # finished, requeued or touched since
+            if in_flight.get(msg.id) is msg and msg.flight is None and msg.deadline == deadline:
+                expired.append(msg)
+        requeued = False
+        for msg in expired:
             del in_flight[msg.id]
             self.timeout_count += 1
             client = msg.client
@@ -407,11 +468,14 @@ class Channel:
         if requeued:
             self._pump()
         # stale entries at the top would make the timer fire for nothing
-        while heap and (in_flight.get(heap[0][2].id) is not heap[0][2] or heap[0][2].deadline != heap[0][0]):
+        while heap and (in_flight.get(heap[0][2].id) is not heap[0][2] or heap[0][2].flight is not None or heap[0][2].deadline != heap[0][0]):
             heapq.heappop(heap)
         while dheap and (deferred.get(dheap[0][2].id) is not dheap[0][2] or dheap[0][2].due != dheap[0][0]):
             heapq.heappop(dheap)
         nxt = min(heap[0][0] if heap else INF, dheap[0][0] if dheap else INF)
+        for flight in self._flights.values():
+            if flight:
+                nxt = min(nxt, next(iter(flight.values())).deadline)
         self._next_deadline = nxt
         return nxt
 
@@ -439,7 +503,8 @@ class Channel:
         self.memory.clear()
         self.backend.empty()
         self.in_flight.clear()
-        self._in_flight_heap.clear()
+        self._flights.clear()
+        self._irregular.clear()
         self.deferred.clear()
         self._deferred_heap.clear()
         for client in self.clients.values():
@@ -457,7 +522,8 @@ class Channel:
         self.memory.clear()
         self.in_flight.clear()
         self.deferred.clear()
-        self._in_flight_heap.clear()
+        self._flights.clear()
+        self._irregular.clear()
         self._deferred_heap.clear()
         self.backend.delete()
 
@@ -476,7 +542,8 @@ class Channel:
             deferrals[msg.id] = now_wall + max(0, int((msg.due - now) * 1e9))
         msgs = list(self.in_flight.values()) + list(self.memory) + list(self.deferred.values())
         self.in_flight.clear()
-        self._in_flight_heap.clear()
+        self._flights.clear()
+        self._irregular.clear()
         self.memory.clear()
         self.deferred.clear()
         self._deferred_heap.clear()

@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .protocol import FRAME_TYPE_RESPONSE, HEARTBEAT, ProtocolError, append_message_frame, encode_error, encode_frame
+from .protocol import FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, MESSAGE_FRAME_PREFIX, ProtocolError, encode_error, encode_frame
+
+_pack_message_prefix = MESSAGE_FRAME_PREFIX.pack
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -41,7 +43,7 @@ class ClientV2:
         "ready_count", "in_flight_count", "message_count", "finish_count", "requeue_count",
         "connect_ts", "heartbeat_interval", "output_buffer_size", "output_buffer_timeout",
         "msg_timeout", "sample_rate", "tls", "snappy", "deflate", "deflate_level",
-        "channel", "out", "flush_now", "wakeup", "closing_connection", "pub_counts",
+        "channel", "out", "out_size", "flush_now", "wakeup", "closing_connection", "pub_counts",
         "in_ready_queue", "auth_state", "tls_info", "_sample_counter", "hold_output",
     )
 
@@ -69,7 +71,9 @@ class ClientV2:
         self.deflate = False
         self.deflate_level = 0
         self.channel: Channel | None = None
-        self.out = bytearray()
+        # output waiting for the writer, as parts joined at flush time
+        self.out: list[bytes] = []
+        self.out_size = 0
         # set when ``out`` must be written without waiting for the buffer timeout
         self.flush_now = False
         # installed by the connection edge: called when the writer should look at ``out``
@@ -87,12 +91,16 @@ class ClientV2:
     # ------------------------------------------------------------ output
 
     def send_response(self, data: bytes) -> None:
-        self.out += encode_frame(FRAME_TYPE_RESPONSE, data)
+        frame = encode_frame(FRAME_TYPE_RESPONSE, data)
+        self.out.append(frame)
+        self.out_size += len(frame)
         self.flush_now = True
         self.wakeup()
 
     def send_error(self, error: ProtocolError) -> None:
-        self.out += encode_error(error)
+        frame = encode_error(error)
+        self.out.append(frame)
+        self.out_size += len(frame)
         self.flush_now = True
         self.wakeup()
 
@@ -100,8 +108,9 @@ class ClientV2:
         self.send_response(HEARTBEAT)
 
     def take_output(self) -> bytes:
-        data = bytes(self.out)
+        data = b"".join(self.out)
         self.out.clear()
+        self.out_size = 0
         self.flush_now = False
         return data
 
@@ -131,10 +140,15 @@ class ClientV2:
         """Write one message frame (the channel already made it in-flight)."""
         out = self.out
         was_empty = not out
-        append_message_frame(out, msg.timestamp, msg.attempts, msg.id, msg.body)
+        body = msg.body
+        n = len(body)
+        # the codec's message frame, written as two parts (no copy of the body)
+        out.append(_pack_message_prefix(30 + n, FRAME_TYPE_MESSAGE, msg.timestamp, msg.attempts, msg.id))
+        out.append(body)
+        self.out_size += 34 + n
         self.in_flight_count += 1
         self.message_count += 1
-        if self.in_flight_count >= self.ready_count or len(out) >= self.output_buffer_size or self.output_buffer_timeout <= 0:
+        if self.in_flight_count >= self.ready_count or self.out_size >= self.output_buffer_size or self.output_buffer_timeout <= 0:
             self.flush_now = True
             self.wakeup()
         elif was_empty:

@@ -10,6 +10,7 @@ is derived from that one definition.
 
 from __future__ import annotations
 
+import decimal
 import re
 import sys
 import tomllib
@@ -63,12 +64,14 @@ def parse_duration(text: str) -> float:
         if total > _MAX_DURATION_NS:
             raise ValueError(f"invalid duration {text!r}")
         pos = m.end()
-    return sign * total / 1e9
+    return sign * total / 1_000_000_000  # int / int: correctly rounded
 
 
 def format_duration(seconds: float) -> str:
     """Go's ``Duration.String`` (``60.0`` -> ``"1m0s"``, ``0.25`` -> ``"250ms"``)."""
-    ns = round(seconds * 1e9)
+    # via the float's shortest decimal form: seconds * 1e9 in binary floating
+    # point is off by a few ns for large values
+    ns = round(decimal.Decimal(repr(float(seconds))) * 1_000_000_000)
     if ns == 0:
         return "0s"
     sign = "-" if ns < 0 else ""

@@ -21,7 +21,7 @@ class Message:
     message is finished or stored again.
     """
 
-    __slots__ = ("id", "body", "timestamp", "attempts", "deferred", "client", "delivered_at", "deadline", "due", "token")
+    __slots__ = ("id", "body", "timestamp", "attempts", "deferred", "client", "delivered_at", "deadline", "due", "token", "flight")
 
     def __init__(self, msg_id: bytes, body: bytes, timestamp: int | None = None, attempts: int = 0, deferred: float = 0.0) -> None:
         self.id = msg_id
@@ -34,6 +34,8 @@ class Message:
         self.deadline = 0.0
         self.due = 0.0
         self.token: int | None = None
+        # while in flight: the channel's dict of messages sharing its timeout
+        self.flight: dict[bytes, Message] | None = None
 
     def copy(self) -> Message:
         return Message(self.id, self.body, self.timestamp, self.attempts, self.deferred)

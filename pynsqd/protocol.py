@@ -44,7 +44,7 @@ _INT32 = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
 _FRAME_HEADER = struct.Struct(">ii")
 _MSG_HEADER = struct.Struct(">qH")
-_MSG_FRAME_HEADER = struct.Struct(">iiqH")
+_MSG_FRAME_PREFIX = struct.Struct(">iiqH16s")
 
 _NAME_RE = re.compile(r"^[.a-zA-Z0-9_-]+(#ephemeral)?$")
 
@@ -106,17 +106,25 @@ def encode_error(error: ProtocolError) -> bytes:
     return encode_frame(FRAME_TYPE_ERROR, error.frame_data())
 
 
-def append_message_frame(out: bytearray, timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> None:
-    """Append one message frame to an output buffer (the delivery hot path)."""
-    out += _MSG_FRAME_HEADER.pack(30 + len(body), FRAME_TYPE_MESSAGE, timestamp, attempts)
-    out += msg_id
-    out += body
+# [size][type=2][timestamp][attempts][id] — the part of a message frame before its body
+MESSAGE_FRAME_PREFIX = _MSG_FRAME_PREFIX
+
+
+def append_message_frame(out: list[bytes], timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> int:
+    """Append one message frame to a list of output parts; returns its size.
+
+    The delivery hot path: the header (with the id) is one small object and
+    the body is not copied until the flush joins the parts."""
+    n = len(body)
+    out.append(_MSG_FRAME_PREFIX.pack(30 + n, FRAME_TYPE_MESSAGE, timestamp, attempts, msg_id))
+    out.append(body)
+    return 34 + n
 
 
 def encode_message_frame(timestamp: int, attempts: int, msg_id: bytes, body: bytes) -> bytes:
-    out = bytearray()
+    out: list[bytes] = []
     append_message_frame(out, timestamp, attempts, msg_id, body)
-    return bytes(out)
+    return b"".join(out)
 
 
 def encode_v1_response(data: bytes) -> bytes:

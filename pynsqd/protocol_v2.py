@@ -147,6 +147,7 @@ class ProtocolV2:
         }
         # a command waiting for the auth server's answer (Reauthorize)
         self._retry: Command | None = None
+        self._tls_required = nsqd.tls_required_for_tcp
         self._failed = False
 
     # ------------------------------------------------------------ driving
@@ -169,7 +170,10 @@ class ProtocolV2:
                 if cmd is None:
                     return None
             try:
-                action = self.execute(cmd)
+                if cmd.name == b"FIN" and not self._tls_required:
+                    action = self.FIN(cmd)  # the per-message command, dispatched first
+                else:
+                    action = self.execute(cmd)
             except ProtocolError as err:
                 if err.fatal:
                     return self._fail(err)
@@ -189,7 +193,7 @@ class ProtocolV2:
         handler = self._handlers.get(name)
         if handler is None:
             raise ProtocolError("E_INVALID", f"invalid command {_text(name)}")
-        if name != b"IDENTIFY" and self.nsqd.tls_required_for_tcp and not self.client.tls:
+        if self._tls_required and name != b"IDENTIFY" and not self.client.tls:
             raise ProtocolError("E_INVALID", f"cannot {_text(name)} in current state (TLS required)")
         return handler(cmd)
 
@@ -388,7 +392,7 @@ class ProtocolV2:
         if client.auth_state is not None:
             raise ProtocolError("E_INVALID", "AUTH Already set")
         if self.nsqd.auth is None:
-            raise ProtocolError("E_AUTH_DISABLED", "AUTH Disabled")
+            raise ProtocolError("E_AUTH_DISABLED", "AUTH disabled")
         return Authenticate(_text(cmd.body or b""))
 
     def auth_done(self, state: Any | None, error: ProtocolError | None) -> None:
@@ -476,8 +480,12 @@ class ProtocolV2:
         return msg_id
 
     def FIN(self, cmd: Command) -> None:
-        msg_id = self._message_id("FIN", cmd.params, 1)
         client = self.client
+        params = cmd.params
+        # the checks of _message_id, inline: FIN comes once per message
+        if client.state != STATE_SUBSCRIBED or len(params) != 1 or len(params[0]) != MSG_ID_LENGTH:
+            self._message_id("FIN", params, 1)  # raises the right error (or passes a closing client)
+        msg_id = params[0]
         try:
             client.channel.finish(client, msg_id)  # type: ignore[union-attr]
         except ChannelError as exc:

@@ -1,0 +1,96 @@
+"""Micro-benchmark of the daemon's hot paths without sockets: the sans-IO
+core driven directly (MPUB parsing + fan-out, and delivery + FIN), in ns per
+message of CPU time.  Deterministic enough to compare one change to the next
+on a noisy machine, where the socket benchmarks (nsq_bench.py) swing by 20 %.
+
+    python bench/hotpath.py [--messages N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import trio
+
+from pynsqd.client_v2 import STATE_SUBSCRIBED
+from pynsqd.nsqd import NSQD
+from pynsqd.options import Options
+from pynsqd.protocol import MSG_HEADER_LENGTH, encode_command, encode_mpub_body
+from pynsqd.protocol_v2 import ProtocolV2
+
+
+def _frames_ids(data: bytes) -> list[bytes]:
+    """Message ids in a buffer of message frames (4 size + 4 type + 8 ts + 2 attempts + id)."""
+    ids = []
+    pos = 0
+    n = len(data)
+    while pos < n:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if int.from_bytes(data[pos + 4 : pos + 8], "big") == 2:
+            ids.append(data[pos + 18 : pos + 34])
+        pos += 4 + size
+    return ids
+
+
+async def run(messages: int, size: int, rdy: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        nsqd = NSQD(Options(data_path=tmp, mem_queue_size=messages + 1, lookupd_tcp_addresses=[]))
+        body = b"x" * size
+        # --- publish: MPUB x200 into a topic with one channel
+        topic = nsqd.get_topic("bench")
+        channel = topic.get_channel("ch")
+        pub_client = nsqd.new_client("127.0.0.1:1")
+        pub = ProtocolV2(nsqd, pub_client)
+        batch = encode_command(b"MPUB", "bench", body=encode_mpub_body([body] * 200))
+        chunk = batch * 10
+        t0 = time.process_time()
+        sent = 0
+        while sent < messages:
+            pub.receive_data(chunk)
+            while pub.process() is not None:
+                pass
+            pub_client.take_output()
+            sent += 2000
+        t_pub = time.process_time() - t0
+        assert channel.depth() == sent
+        # --- consume: deliver with RDY, FIN everything in batches
+        cons_client = nsqd.new_client("127.0.0.1:2")
+        cons = ProtocolV2(nsqd, cons_client)
+        cons_client.state = STATE_SUBSCRIBED
+        cons_client.heartbeat_interval = 30.0
+        channel.add_client(cons_client)
+        cons_client.ready_count = rdy
+        t0 = time.process_time()
+        channel.client_ready_changed(cons_client)
+        done = 0
+        while done < sent:
+            ids = _frames_ids(cons_client.take_output())
+            if not ids:
+                break
+            cons.receive_data(b"".join(b"FIN " + i + b"\n" for i in ids))
+            while cons.process() is not None:
+                pass
+            done += len(ids)
+        t_con = time.process_time() - t0
+        assert done == sent, (done, sent)
+        return {"publish_ns_per_msg": t_pub / sent * 1e9, "consume_ns_per_msg": t_con / sent * 1e9, "messages": sent}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--messages", type=int, default=400_000)
+    p.add_argument("--size", type=int, default=200)
+    p.add_argument("--rdy", type=int, default=2500)
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    results = [trio.run(run, a.messages, a.size, a.rdy) for _ in range(a.repeat)]
+    best_pub = min(r["publish_ns_per_msg"] for r in results)
+    best_con = min(r["consume_ns_per_msg"] for r in results)
+    print(f"publish (MPUB x200 + fan-out): {best_pub:7.0f} ns/msg  = {1e9 / best_pub:9,.0f} msg/s of one core")
+    print(f"consume (deliver + FIN):       {best_con:7.0f} ns/msg  = {1e9 / best_con:9,.0f} msg/s of one core")
+
+
+if __name__ == "__main__":
+    main()
