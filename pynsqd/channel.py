@@ -324,12 +324,16 @@ class Channel:
 
     # ------------------------------------------------------------ FIN / REQ / TOUCH
 
-    def _pop_in_flight(self, client: ClientV2, msg_id: bytes) -> Message:
+    def _owned(self, client: ClientV2, msg_id: bytes) -> Message:
         msg = self.in_flight.get(msg_id)
         if msg is None:
             raise ChannelError("ID not in flight")
         if msg.client is not client:
             raise ChannelError("client does not own message")
+        return msg
+
+    def _pop_in_flight(self, client: ClientV2, msg_id: bytes) -> Message:
+        msg = self._owned(client, msg_id)
         del self.in_flight[msg_id]
         self._leave_flight(msg)
         return msg
@@ -337,17 +341,7 @@ class Channel:
     def finish(self, client: ClientV2, msg_id: bytes) -> None:
         # the hottest path of a consumer: FIN, then usually hand the freed
         # slot the next message, so the common case avoids the general pump
-        in_flight = self.in_flight
-        msg = in_flight.get(msg_id)
-        if msg is None:
-            raise ChannelError("ID not in flight")
-        if msg.client is not client:
-            raise ChannelError("client does not own message")
-        del in_flight[msg_id]
-        flight = msg.flight
-        if flight is not None:
-            del flight[msg_id]
-            msg.flight = None
+        msg = self._pop_in_flight(client, msg_id)
         if msg.token is not None:
             self.backend.ack(msg.token)  # type: ignore[attr-defined]
         if client.in_flight_count > 0:
@@ -384,11 +378,7 @@ class Channel:
         self.client_ready_changed(client)
 
     def touch(self, client: ClientV2, msg_id: bytes) -> None:
-        msg = self.in_flight.get(msg_id)
-        if msg is None:
-            raise ChannelError("ID not in flight")
-        if msg.client is not client:
-            raise ChannelError("client does not own message")
+        msg = self._owned(client, msg_id)
         now = self._clock()
         timeout = client.msg_timeout
         deadline = now + timeout

@@ -223,21 +223,7 @@ class NSQD:
         """Write nsqd.dat atomically (tmp + fsync + rename), nsqd's format."""
         if self._loading:
             return
-        path = os.path.join(self.data_path, METADATA_FILE)
-        tmp = f"{path}.{random.getrandbits(63)}.tmp"
-        data = json.dumps(self.metadata()).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(self.data_path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _write_atomically(os.path.join(self.data_path, METADATA_FILE), json.dumps(self.metadata()).encode())
 
     def metadata_changed(self) -> None:
         try:
@@ -354,15 +340,8 @@ class NSQD:
         if not deferrals:
             _unlink_quiet(path)
             return
-        tmp = f"{path}.{random.getrandbits(63)}.tmp"
-        data = json.dumps({"version": 1, "deferred": {k.decode(): v for k, v in deferrals.items()}}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        data = {"version": 1, "deferred": {k.decode(): v for k, v in deferrals.items()}}
+        _write_atomically(path, json.dumps(data).encode())
 
     def get_topic(self, name: str) -> Topic:
         topic = self.topics.get(name)
@@ -605,3 +584,20 @@ def _trio_clock() -> Callable[[], float]:
         return trio.lowlevel.current_clock().current_time
     except RuntimeError:  # outside trio.run (unit tests of the sans-IO core)
         return trio.current_time
+def _write_atomically(path: str, data: bytes) -> None:
+    """tmp + fsync + rename (+ fsync of the directory), as nsqd writes nsqd.dat."""
+    tmp = f"{path}.{random.getrandbits(63)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+

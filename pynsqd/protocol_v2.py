@@ -14,6 +14,7 @@ connection except E_FIN_FAILED, E_REQ_FAILED and E_TOUCH_FAILED.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -34,9 +35,10 @@ from .protocol import (
     is_valid_topic_name,
     parse_base10,
 )
-from .topic import TopicExiting
+from .topic import Topic, TopicExiting
 
 if TYPE_CHECKING:
+    from .message import Message
     from .nsqd import NSQD
 
 
@@ -529,58 +531,38 @@ class ProtocolV2:
     def NOP(self, cmd: Command) -> None:
         return None
 
-    def PUB(self, cmd: Command) -> Action | None:
+    def _publish(self, cmd: Command, code: str, make: Callable[[Topic], list[Message]]) -> Action | None:
+        """PUB, MPUB and DPUB once their input is valid: auth, queue, reply."""
+        name = _text(cmd.name)
         topic_name = _text(cmd.params[0])
-        action = self._check_auth("PUB", topic_name, "")
+        action = self._check_auth(name, topic_name, "")
         if action is not None:
             return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
-        topic = self.nsqd.get_topic(topic_name)
+        nsqd = self.nsqd
+        topic = nsqd.get_topic(topic_name)
+        msgs = make(topic)
         try:
-            topic.put_messages([topic.new_message(cmd.body)])  # type: ignore[arg-type]
+            topic.put_messages(msgs)
         except (BackendError, TopicExiting) as exc:
-            self.nsqd.note_put_failure(exc)
-            raise ProtocolError("E_PUB_FAILED", f"PUB failed {exc}") from None
-        if self.nsqd.health_error is not None:
-            self.nsqd.note_put_success()
+            nsqd.note_put_failure(exc)
+            raise ProtocolError(code, f"{name} failed {exc}") from None
+        if nsqd.health_error is not None:
+            nsqd.note_put_success()
         counts = self.client.pub_counts
-        counts[topic_name] = counts.get(topic_name, 0) + 1
+        counts[topic_name] = counts.get(topic_name, 0) + len(msgs)
         self.client.send_response(OK)
         return None
+
+    def PUB(self, cmd: Command) -> Action | None:
+        body: bytes = cmd.body  # type: ignore[assignment]
+        return self._publish(cmd, "E_PUB_FAILED", lambda topic: [topic.new_message(body)])
 
     def MPUB(self, cmd: Command) -> Action | None:
-        topic_name = _text(cmd.params[0])
+        # every message is validated before any is queued
         bodies = decode_mpub_body(cmd.body or b"", self.opts.max_msg_size, self.opts.max_body_size)
-        action = self._check_auth("MPUB", topic_name, "")
-        if action is not None:
-            return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
-        topic = self.nsqd.get_topic(topic_name)
-        try:
-            topic.put_messages(topic.new_messages(bodies))
-        except (BackendError, TopicExiting) as exc:
-            self.nsqd.note_put_failure(exc)
-            raise ProtocolError("E_MPUB_FAILED", f"MPUB failed {exc}") from None
-        if self.nsqd.health_error is not None:
-            self.nsqd.note_put_success()
-        counts = self.client.pub_counts
-        counts[topic_name] = counts.get(topic_name, 0) + len(bodies)
-        self.client.send_response(OK)
-        return None
+        return self._publish(cmd, "E_MPUB_FAILED", lambda topic: topic.new_messages(bodies))
 
     def DPUB(self, cmd: Command) -> Action | None:
-        topic_name = _text(cmd.params[0])
         delay = self._dpub_delay(cmd.params[1])
-        action = self._check_auth("DPUB", topic_name, "")
-        if action is not None:
-            return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
-        topic = self.nsqd.get_topic(topic_name)
-        try:
-            topic.put_messages([topic.new_message(cmd.body, deferred=delay)])  # type: ignore[arg-type]
-        except (BackendError, TopicExiting) as exc:
-            self.nsqd.note_put_failure(exc)
-            raise ProtocolError("E_DPUB_FAILED", f"DPUB failed {exc}") from None
-        if self.nsqd.health_error is not None:
-            self.nsqd.note_put_success()
-        counts = self.client.pub_counts
-        counts[topic_name] = counts.get(topic_name, 0) + 1
-        self.client.send_response(OK)
-        return None
+        body: bytes = cmd.body  # type: ignore[assignment]
+        return self._publish(cmd, "E_DPUB_FAILED", lambda topic: [topic.new_message(body, deferred=delay)])
