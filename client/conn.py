@@ -307,7 +307,8 @@ async def upgrade_stream(kind: str, stream: trio.abc.Stream, identify: IdentifyR
         await tls.do_handshake()
         return tls
     if kind in ("snappy", "deflate"):
-        from .streams import DeflateStream, SnappyStream
+        # the codec nsqd itself uses (pynsqd.streams): one implementation for both ends
+        from pynsqd.streams import DeflateStream, SnappyStream
 
         if kind == "snappy":
             return SnappyStream(stream)

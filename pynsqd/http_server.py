@@ -191,9 +191,12 @@ async def serve_http_connection(
                 if not isinstance(event, h11.Request):
                     return
                 target = event.target.decode("latin-1")
-                parts = urlsplit(target)
                 method = event.method.decode("ascii", "replace")
-                found = router.find(method, parts.path)
+                try:
+                    parts = urlsplit(target)
+                except ValueError:  # e.g. "//[bad" as an authority
+                    parts = None
+                found = router.find(method, parts.path) if parts is not None else respond_error(400, "INVALID_REQUEST")
                 if isinstance(found, Response):
                     response: Response = found
                     route = None
@@ -226,7 +229,7 @@ async def serve_http_connection(
                         chunks.append(bytes(ev.data))
                     elif isinstance(ev, h11.EndOfMessage):
                         break
-                if route is not None:
+                if route is not None and parts is not None:
                     request = Request(
                         method=method,
                         path=parts.path,
@@ -265,15 +268,25 @@ async def serve_http_connection(
                 await stream.aclose()
 
 
-async def serve_http(listener: trio.SocketListener, router: Router, *, task_status: Any = trio.TASK_STATUS_IGNORED, **kwargs: Any) -> None:
-    """Accept connections forever, each served in its own task."""
+async def serve_http(
+    listener: trio.abc.Listener[Any], router: Router, *, name: str = "HTTP", task_status: Any = trio.TASK_STATUS_IGNORED, **kwargs: Any
+) -> None:
+    """Accept connections forever, each served in its own task.  ``listener``
+    may be a ``trio.SSLListener`` (HTTPS): the handshake then happens on the
+    first read, and a failed one just ends that connection."""
+    from .listener import serve_listener
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
-            peer = stream.socket.getpeername()
+            peer = sock.getpeername() if sock is not None else ("", 0)
             remote = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
         except OSError:
             remote = ""
-        await serve_http_connection(stream, router, remote_address=remote, **kwargs)
+        try:
+            await serve_http_connection(stream, router, remote_address=remote, **kwargs)
+        except Exception:
+            # one bad connection must never take the listener (and daemon) down
+            log.exception(f"{name}: connection failed", client=remote)
 
-    await trio.serve_listeners(handle, [listener], task_status=task_status)
+    await serve_listener(handle, listener, name=name, log=log, task_status=task_status)

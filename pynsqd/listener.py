@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
+
+from .log import get_logger
 
 
 def parse_address(address: str, default_port: int | None = None) -> tuple[str, int]:
@@ -68,3 +74,48 @@ async def open_listener(address: str) -> tuple[trio.SocketListener, str, int]:
         raise
     real_host, real_port = sock.getsockname()[:2]
     return trio.SocketListener(sock), format_address(real_host, real_port), real_port
+
+
+# accept() errors that mean "out of file descriptors/memory right now": the
+# daemon keeps serving the connections it has and retries
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
+ACCEPT_LOG_EVERY = 1.0
+
+
+async def serve_listener(
+    handler: Callable[[Any], Awaitable[object]],
+    listener: trio.abc.Listener[Any],
+    *,
+    name: str,
+    log: Any = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept forever, each connection handled in its own task (like
+    ``trio.serve_listeners``), logging resource exhaustion through our
+    logger at most once a second and resuming once descriptors are free."""
+    log = log or get_logger()
+    failing_since: float | None = None
+    last_logged = -math.inf
+    async with trio.open_nursery() as nursery:
+        async with listener:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    now = trio.current_time()
+                    if failing_since is None:
+                        failing_since = now
+                    if now - last_logged >= ACCEPT_LOG_EVERY:
+                        last_logged = now
+                        log.error(f"{name}: accept failed, retrying", error=exc.strerror, errno=errno.errorcode.get(exc.errno or 0, ""))
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                if failing_since is not None:
+                    log.info(f"{name}: accepting connections again", after=round(trio.current_time() - failing_since, 3))
+                    failing_since = None
+                    last_logged = -math.inf
+                nursery.start_soon(handler, stream)

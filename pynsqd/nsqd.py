@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -25,6 +26,7 @@ from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
+from .auth import Auth
 from .listener import open_listener
 from .lookup import Lookup
 from . import log as logging_setup
@@ -32,6 +34,8 @@ from .http_server import HTTPError, Response, respond
 from .log import LEVELS, get_logger
 from .options import Options, config_value
 from .protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
+from .streams import DeflateStream, SnappyStream
+from .tls import TLSRequiredRouter, build_server_context, connection_info, upgrade_server_stream
 from .topic import Topic
 
 # a topic drain hands this many messages to the channels between yields
@@ -82,9 +86,11 @@ class NSQD:
         self.tcp_port = 0
         self.http_port = 0
         self.https_port = 0
-        # set by the TLS/auth layers when configured
-        self.tls_enabled = False
-        self.auth: Any | None = None
+        # --tls-cert/--tls-key: the context of IDENTIFY's tls_v1 upgrade and of HTTPS
+        self.tls_context = build_server_context(options)
+        self.tls_enabled = self.tls_context is not None
+        # --auth-http-address: AUTH, and PUB/SUB checked against its answers
+        self.auth: Auth | None = Auth(options, self.log) if options.auth_http_addresses else None
         self.exiting = False
         self._sync_due: set[BackendQueue] = set()
         self._rounds_started = 0
@@ -476,6 +482,22 @@ class NSQD:
 
     # ------------------------------------------------------------ clients
 
+    async def upgrade_stream(self, conn: Any, kind: str, action: Any) -> trio.abc.Stream:
+        """Wrap a TCP connection's stream in what IDENTIFY negotiated (tcp.py's
+        Upgrade action): ``tls``, then ``snappy`` or ``deflate``."""
+        client = conn.client
+        if kind == "tls":
+            assert self.tls_context is not None
+            stream = await upgrade_server_stream(conn.stream, self.tls_context)
+            client.tls_info = connection_info(stream)
+            return stream
+        if kind == "snappy":
+            return SnappyStream(conn.stream)
+        if kind == "deflate":
+            client.deflate_level = action.deflate_level
+            return DeflateStream(conn.stream, action.deflate_level)
+        raise ValueError(f"unknown stream upgrade {kind!r}")
+
     def new_client(self, remote_address: str) -> ClientV2:
         self._client_seq += 1
         client = ClientV2(self._client_seq, remote_address, self.options)
@@ -514,9 +536,17 @@ class NSQD:
 
         opts = self.options
         tcp_listener, self.tcp_address, self.tcp_port = await open_listener(opts.tcp_address)
+        https_listener = None
+        if self.tls_context is not None and opts.https_address:
+            https_listener, self.https_address, self.https_port = await open_listener(opts.https_address)
         http_listener, self.http_address, self.http_port = await open_listener(opts.http_address)
         self.log.info(f"TCP: listening on {self.tcp_address}")
+        if https_listener is not None:
+            self.log.info(f"HTTPS: listening on {self.https_address}")
         self.log.info(f"HTTP: listening on {self.http_address}")
+        router = make_router(self)
+        # --tls-required=true: plain HTTP only points at the HTTPS port
+        plain_router = TLSRequiredRouter(self.https_port, router.default_max_body) if opts.tls_required == "true" else router
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -529,7 +559,10 @@ class NSQD:
                 for service in self.services:
                     nursery.start_soon(service)
                 await nursery.start(serve_tcp, self, tcp_listener)
-                await nursery.start(serve_http, http_listener, make_router(self))
+                if https_listener is not None:
+                    ssl_listener = trio.SSLListener(https_listener, self.tls_context, https_compatible=True)
+                    await nursery.start(partial(serve_http, ssl_listener, router, name="HTTPS"))
+                await nursery.start(serve_http, http_listener, plain_router)
                 task_status.started(self)
         finally:
             self._nursery = None

@@ -31,6 +31,9 @@ def parse_tls_required(text: str) -> str:
     raise ValueError("must be true, false or tcp-https")
 
 
+TLS_VERSION_NUMBERS = {"ssl3.0": 0x0300, "tls1.0": 0x0301, "tls1.1": 0x0302, "tls1.2": 0x0303, "tls1.3": 0x0304}
+
+
 def parse_tls_min_version(text: str) -> str:
     t = text.lower()
     if t not in ("ssl3.0", "tls1.0", "tls1.1", "tls1.2", "tls1.3"):
@@ -200,6 +203,9 @@ class Options:
                 raise ValueError(f"--e2e-processing-latency-percentile must be in (0, 1.0] (got {p})")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_auth_policy and self.tls_required == "false":
+            # nsqd: a client certificate policy only means something with TLS required
+            self.tls_required = "true"
         if self.tls_required != "false" and not self.tls_cert:
             raise ValueError("cannot require TLS client connections without TLS key and cert")
 
@@ -220,6 +226,10 @@ def config_value(options: Options, cfg_name: str) -> object:
             if f.kind == "duration":
                 return round(value * 1e9)
             if f.name == "tls-required":
-                return {"false": 0, "true": 1, "tcp-https": 2}[value]
+                # Go's TLSNotRequired, TLSRequiredExceptHTTP, TLSRequired
+                return {"false": 0, "tcp-https": 1, "true": 2}[value]
+            if f.name == "tls-min-version":
+                # Go reports the crypto/tls uint16 (0x0301 = TLS 1.0...)
+                return TLS_VERSION_NUMBERS[value]
             return value
     raise KeyError(cfg_name)

@@ -63,7 +63,9 @@ class ProtocolError(Exception):
 
     def frame_data(self) -> bytes:
         """The body of the error frame, e.g. ``b"E_INVALID invalid command X"``."""
-        return str(self).encode()
+        # names and ids are decoded with surrogateescape: echo the client's
+        # raw bytes back, as nsqd's %s does
+        return str(self).encode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------- names
@@ -419,3 +421,14 @@ class CommandParser:
         while (cmd := self.next_command()) is not None:
             out.append(cmd)
         return out
+
+    def take_unparsed(self) -> bytes:
+        """Remove and return the bytes received but not yet parsed (between
+        commands only): when IDENTIFY upgrades the stream they belong to the
+        new layer, not to this parser."""
+        acc = self._acc
+        assert self._pending is None and not acc.waiting
+        data = acc._buf[acc._pos :]
+        acc._buf = b""
+        acc._pos = 0
+        return data

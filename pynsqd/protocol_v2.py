@@ -392,7 +392,7 @@ class ProtocolV2:
     def AUTH(self, cmd: Command) -> Action | None:
         client = self.client
         if client.auth_state is not None:
-            raise ProtocolError("E_INVALID", "AUTH Already set")
+            raise ProtocolError("E_INVALID", "AUTH already set")
         if self.nsqd.auth is None:
             raise ProtocolError("E_AUTH_DISABLED", "AUTH disabled")
         return Authenticate(_text(cmd.body or b""))

@@ -16,6 +16,8 @@ import trio
 
 from .protocol import FRAME_TYPE_ERROR, MAGIC_V2, encode_frame
 from .protocol_v2 import Action, Close, ProtocolV2, Upgrade, Authenticate, Reauthorize
+from .listener import serve_listener
+from .streams import PrefixedStream
 
 if TYPE_CHECKING:
     from .nsqd import NSQD
@@ -42,6 +44,9 @@ class ConnectionV2:
         self._lot = trio.lowlevel.ParkingLot()
         self.client.wakeup = self._lot.unpark_all
         self._heartbeat_scope: trio.CancelScope | None = None
+        # one sender at a time: the writer task, or the reader while it
+        # upgrades the stream (TLS/snappy/deflate) after IDENTIFY
+        self._send_lock = trio.Lock()
         self._heartbeat_interval = self.client.heartbeat_interval
         self.log = nsqd.log.bind(client=remote_address)
 
@@ -65,7 +70,6 @@ class ConnectionV2:
     async def _read_loop(self, initial: bytes, scope: trio.CancelScope) -> None:
         client = self.client
         proto = self.proto
-        stream = self.stream
         try:
             if initial:
                 proto.receive_data(initial)
@@ -73,7 +77,8 @@ class ConnectionV2:
             while not client.closing_connection:
                 interval = client.heartbeat_interval
                 with trio.move_on_after(2 * interval if interval > 0 else INF) as read_scope:
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    # self.stream: IDENTIFY may have upgraded it
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 if read_scope.cancelled_caught:
                     self.log.warning("TCP: client missed heartbeats, closing", timeout=2 * interval)
                     break
@@ -117,14 +122,7 @@ class ConnectionV2:
 
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Upgrade):
-            await self._flush_now()
-            upgrade = getattr(self.nsqd, "upgrade_stream", None)
-            for kind in action.kinds:
-                if upgrade is None:
-                    raise trio.BrokenResourceError(f"cannot upgrade to {kind}")
-                self.stream = await upgrade(self, kind, action)
-                self.proto.upgraded(kind)
-                await self._flush_now()
+            await self._upgrade(action)
         elif isinstance(action, (Authenticate, Reauthorize)):
             auth = self.nsqd.auth
             state, error = await auth.authenticate(self, action)
@@ -132,19 +130,57 @@ class ConnectionV2:
         else:  # pragma: no cover
             raise AssertionError(action)
 
+    async def _upgrade(self, action: Upgrade) -> None:
+        """nsqd's order: the IDENTIFY reply in clear, then per layer the
+        handshake (TLS) and an ``OK`` sent through the new layer."""
+        client = self.client
+        client.hold_output = True  # heartbeats wait until the layers are in place
+        try:
+            async with self._send_lock:
+                await self._flush_locked()
+                # bytes the client sent after IDENTIFY belong to the new layer
+                early = self.proto.parser.take_unparsed()
+                if early:
+                    self.stream = PrefixedStream(self.stream, early)
+                for kind in action.kinds:
+                    self.log.info("TCP: upgrading connection", to=kind)
+                    try:
+                        self.stream = await self.nsqd.upgrade_stream(self, kind, action)
+                    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                        self.log.warning("TCP: connection upgrade failed, closing", to=kind, error=str(exc) or type(exc).__name__)
+                        raise trio.BrokenResourceError(f"{kind} upgrade failed") from exc
+                    self.proto.upgraded(kind)
+                    await self._flush_locked()
+        finally:
+            client.hold_output = False
+            if client.out:
+                client.flush_now = True
+                client.wakeup()
+
     # ------------------------------------------------------------ writing
 
     async def _send(self, data: bytes) -> None:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # the usual case, without a checkpoint
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._send_locked(data)
+        finally:
+            lock.release()
+
+    async def _send_locked(self, data: bytes) -> None:
         # nsqd's write deadline is the heartbeat interval: a consumer that
         # stops reading for that long is dropped, its messages requeued
         interval = self.client.heartbeat_interval
         with trio.fail_after(interval if interval > 0 else 60.0):
             await self.stream.send_all(data)
 
-    async def _flush_now(self) -> None:
+    async def _flush_locked(self) -> None:
         data = self.client.take_output()
         if data:
-            await self._send(data)
+            await self._send_locked(data)
 
     async def _write_loop(self) -> None:
         client = self.client
@@ -219,6 +255,10 @@ async def handle_connection(nsqd: NSQD, stream: trio.SocketStream) -> None:
 
 async def serve_tcp(nsqd: NSQD, listener: trio.SocketListener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(nsqd, stream)
+        try:
+            await handle_connection(nsqd, stream)
+        except Exception:
+            # a bug met by one connection must not take the daemon down
+            nsqd.log.exception("TCP: connection failed", client=_peer(stream))
 
-    await trio.serve_listeners(handler, [listener], task_status=task_status)
+    await serve_listener(handler, listener, name="TCP", log=nsqd.log, task_status=task_status)

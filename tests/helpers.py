@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -254,3 +255,113 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- TLS / compression
+
+
+class Certs:
+    """A throwaway CA (trustme) with a server certificate for 127.0.0.1 and
+    client certificates, written as PEM files under ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        import trustme
+
+        self.directory = directory
+        self.ca = trustme.CA()
+        self.ca_file = self._write("ca.pem", self.ca.cert_pem.bytes())
+        server = self.ca.issue_cert("127.0.0.1", "localhost", "::1")
+        self.server_cert = self._write("server.pem", b"".join(p.bytes() for p in server.cert_chain_pems))
+        self.server_key = self._write("server.key", server.private_key_pem.bytes())
+
+    def _write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        return path
+
+    def client_cert(self, common_name: str, *, ca: Any = None) -> tuple[str, str]:
+        """(cert, key) paths for a client certificate (from another CA if given)."""
+        issued = (ca or self.ca).issue_cert(f"{common_name}.clients.test", common_name=common_name)
+        cert = self._write(f"{common_name}.pem", b"".join(p.bytes() for p in issued.cert_chain_pems))
+        key = self._write(f"{common_name}.key", issued.private_key_pem.bytes())
+        return cert, key
+
+    def nsqd_flags(self) -> list[str]:
+        return [f"--tls-cert={self.server_cert}", f"--tls-key={self.server_key}", "--https-address=127.0.0.1:0"]
+
+    def client_context(self, cert: tuple[str, str] | None = None, *, maximum: Any = None) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
+        if maximum is not None:
+            ctx.maximum_version = maximum
+        return ctx
+
+
+class CompressedSocket:
+    """A blocking socket seen through a pynsqd.streams codec, so RawClient
+    can keep talking after a snappy/deflate upgrade."""
+
+    def __init__(self, sock: Any, encoder: Any, decoder: Any) -> None:
+        self._sock = sock
+        self._encoder = encoder
+        self._decoder = decoder
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(self._encoder.encode(data))
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            out = self._decoder.read(n)
+            if out:
+                return out
+            raw = self._sock.recv(65536)
+            if not raw:
+                return b""
+            self._decoder.feed(raw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def recv_exact(sock: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed by server")
+        buf += chunk
+    return buf
+
+
+def read_frame_exact(sock: Any) -> Frame:
+    """One frame read with exact sizes (no byte of a following layer consumed)."""
+    size, frame_type = struct.unpack(">ii", recv_exact(sock, 8))
+    return Frame(frame_type, recv_exact(sock, size - 4))
+
+
+def identify_and_upgrade(client: RawClient, tls_context: Any = None, **fields: Any) -> dict[str, Any]:
+    """IDENTIFY with feature negotiation, then add the layers nsqd agreed to in
+    its order (TLS, then snappy/deflate), checking each ``OK``.  Returns the
+    IDENTIFY response; an error frame raises AssertionError."""
+    from pynsqd.streams import DeflateDecoder, DeflateEncoder, SnappyDecoder, SnappyEncoder
+
+    fields.setdefault("feature_negotiation", True)
+    client.cmd(b"IDENTIFY", body=json.dumps(fields).encode())
+    frame = read_frame_exact(client.sock)
+    assert frame.frame_type == 0, frame
+    reply = json.loads(frame.data)
+    if reply.get("tls_v1"):
+        assert tls_context is not None, "nsqd agreed to TLS but no context was given"
+        client.sock = tls_context.wrap_socket(client.sock, server_hostname="127.0.0.1")
+        assert read_frame_exact(client.sock).data == b"OK"
+    if reply.get("snappy"):
+        client.sock = CompressedSocket(client.sock, SnappyEncoder(), SnappyDecoder())
+        assert read_frame_exact(client.sock).data == b"OK"
+    if reply.get("deflate"):
+        client.sock = CompressedSocket(client.sock, DeflateEncoder(reply["deflate_level"]), DeflateDecoder())
+        assert read_frame_exact(client.sock).data == b"OK"
+    return reply

@@ -3,6 +3,8 @@ subprocess, printing one JSON line per event on stdout.
 
     python pynsq_driver.py read TOPIC CHANNEL COUNT --nsqd ADDR [--lookupd ADDR] [--max-in-flight N] [--requeue-first]
     python pynsq_driver.py write TOPIC COUNT --nsqd ADDR [--mpub N] [--prefix P]
+
+both take [--snappy | --deflate] [--tls --tls-ca CA [--tls-cert C --tls-key K]] [--auth-secret S]
 """
 
 from __future__ import annotations
@@ -18,6 +20,34 @@ import tornado.ioloop
 def emit(**fields: object) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
+
+
+def conn_options(args: argparse.Namespace) -> dict[str, object]:
+    """Transport options shared by Reader and Writer (nsq.AsyncConn kwargs)."""
+    kwargs: dict[str, object] = {}
+    if args.snappy:
+        kwargs["snappy"] = True
+    if args.deflate:
+        kwargs["deflate"] = True
+    if args.tls:
+        kwargs["tls_v1"] = True
+        tls_options: dict[str, object] = {"ca_certs": args.tls_ca}
+        if args.tls_cert:
+            tls_options.update(certfile=args.tls_cert, keyfile=args.tls_key)
+        kwargs["tls_options"] = tls_options
+    if args.auth_secret:
+        kwargs["auth_secret"] = args.auth_secret
+    return kwargs
+
+
+def add_conn_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snappy", action="store_true")
+    p.add_argument("--deflate", action="store_true")
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--tls-ca", default=None)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--auth-secret", default=None)
 
 
 def read(args: argparse.Namespace) -> None:
@@ -49,13 +79,7 @@ def read(args: argparse.Namespace) -> None:
     if args.lookupd:
         kwargs["lookupd_http_addresses"] = [f"http://{a}" for a in args.lookupd]
         kwargs["lookupd_poll_interval"] = 1
-    if args.snappy:
-        kwargs["snappy"] = True
-    if args.deflate:
-        kwargs["deflate"] = True
-    if args.tls:
-        kwargs["tls_v1"] = True
-        kwargs["tls_options"] = {"ca_certs": args.tls_ca}
+    kwargs.update(conn_options(args))
     reader = nsq.Reader(**kwargs)
     emit(event="started")
     loop.call_later(args.timeout, loop.stop)
@@ -67,7 +91,7 @@ def read(args: argparse.Namespace) -> None:
 def write(args: argparse.Namespace) -> None:
     loop = tornado.ioloop.IOLoop.current()
     state = {"sent": 0, "acked": 0, "errors": 0}
-    writer = nsq.Writer(args.nsqd)
+    writer = nsq.Writer(args.nsqd, **conn_options(args))
 
     def callback(conn: object, data: object) -> None:
         if isinstance(data, nsq.Error):
@@ -109,10 +133,7 @@ def main() -> None:
     r.add_argument("--lookupd", action="append", default=[])
     r.add_argument("--max-in-flight", type=int, default=10)
     r.add_argument("--requeue-first", action="store_true")
-    r.add_argument("--snappy", action="store_true")
-    r.add_argument("--deflate", action="store_true")
-    r.add_argument("--tls", action="store_true")
-    r.add_argument("--tls-ca", default=None)
+    add_conn_arguments(r)
     r.add_argument("--timeout", type=float, default=60.0)
     w = sub.add_parser("write")
     w.add_argument("topic")
@@ -120,6 +141,7 @@ def main() -> None:
     w.add_argument("--nsqd", action="append", default=[])
     w.add_argument("--mpub", type=int, default=1)
     w.add_argument("--prefix", default="msg-")
+    add_conn_arguments(w)
     w.add_argument("--timeout", type=float, default=60.0)
     args = p.parse_args()
     if args.mode == "read":

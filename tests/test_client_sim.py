@@ -516,7 +516,7 @@ class UpgradingNSQD(FakeNSQD):
         self.identify_body: dict = {}
 
     async def serve(self, stream: trio.abc.Stream) -> None:
-        from client.streams import DeflateStream, SnappyStream
+        from pynsqd.streams import DeflateStream, SnappyStream
 
         buf = b""
         while True:  # magic + IDENTIFY arrive in plain text
@@ -595,7 +595,7 @@ def test_stream_layers_round_trip_any_chunking():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from client.streams import DeflateStream, SnappyStream
+    from pynsqd.streams import DeflateStream, SnappyStream
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.binary(max_size=70000), max_size=5), st.sampled_from(["deflate", "snappy"]), st.integers(1, 5000))

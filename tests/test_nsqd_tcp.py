@@ -378,7 +378,7 @@ def test_unknown_command(nsqd, unique):
         (encode_command(b"IDENTIFY", body=b'{"sample_rate": 100}'), b"E_BAD_BODY IDENTIFY sample rate (100) is invalid"),
         (encode_command(b"IDENTIFY", body=b'{"msg_timeout": 999}'), b"E_BAD_BODY IDENTIFY msg timeout (999) is invalid"),
         (encode_command(b"IDENTIFY") + struct.pack(">i", 0), b"E_BAD_BODY IDENTIFY invalid body size 0"),
-        (encode_command(b"AUTH", body=b"secret"), b"E_AUTH_DISABLED AUTH Disabled"),
+        (encode_command(b"AUTH", body=b"secret"), b"E_AUTH_DISABLED AUTH disabled"),
     ],
 )
 def test_fatal_errors(nsqd, unique, command, expected):

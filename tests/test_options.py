@@ -264,7 +264,8 @@ def test_config_value_names_by_config_key():
             config_value(opts, attr_name)
 
 
-@pytest.mark.parametrize("flag, value", [("--tls-required=false", 0), ("--tls-required", 1), ("--tls-required=tcp-https", 2)])
+# Go: TLSNotRequired = 0, TLSRequiredExceptHTTP (tcp-https) = 1, TLSRequired = 2
+@pytest.mark.parametrize("flag, value", [("--tls-required=false", 0), ("--tls-required", 2), ("--tls-required=tcp-https", 1)])
 def test_config_value_tls_required_is_nsqds_int(flag, value):
     opts, _ = resolve(Options, ["--tls-cert=c.pem", "--tls-key=k.pem", flag])
     assert config_value(opts, "tls_required") == value
