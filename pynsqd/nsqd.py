@@ -603,20 +603,6 @@ def _run_sync_jobs(jobs: list[Callable[[], None]]) -> list[Exception]:
     return errors
 
 
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _trio_clock() -> Callable[[], float]:
-    """trio's clock as one bound method (trio.current_time goes through two
-    more calls, per delivered message)."""
-    try:
-        return trio.lowlevel.current_clock().current_time
-    except RuntimeError:  # outside trio.run (unit tests of the sans-IO core)
-        return trio.current_time
 def _write_atomically(path: str, data: bytes) -> None:
     """tmp + fsync + rename (+ fsync of the directory), as nsqd writes nsqd.dat."""
     tmp = f"{path}.{random.getrandbits(63)}.tmp"
@@ -634,3 +620,17 @@ def _write_atomically(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _trio_clock() -> Callable[[], float]:
+    """trio's clock as one bound method (trio.current_time goes through two
+    more calls, per delivered message)."""
+    try:
+        return trio.lowlevel.current_clock().current_time
+    except RuntimeError:  # outside trio.run (unit tests of the sans-IO core)
+        return trio.current_time

@@ -42,7 +42,10 @@ class ConnectionV2:
         self.client = nsqd.new_client(remote_address)
         self.proto = ProtocolV2(nsqd, self.client)
         self._lot = trio.lowlevel.ParkingLot()
-        self.client.wakeup = self._lot.unpark_all
+        # wakeups come per delivered message: only pay for unparking when
+        # the writer is actually waiting
+        self._writer_parked = False
+        self.client.wakeup = self._wake
         self._heartbeat_scope: trio.CancelScope | None = None
         # one sender at a time: the writer task, or the reader while it
         # upgrades the stream (TLS/snappy/deflate) after IDENTIFY
@@ -174,17 +177,30 @@ class ConnectionV2:
         # nsqd's write deadline is the heartbeat interval: a consumer that
         # stops reading for that long is dropped, its messages requeued
         interval = self.client.heartbeat_interval
-        with trio.fail_after(interval if interval > 0 else 60.0):
+        with trio.CancelScope(deadline=trio.current_time() + (interval if interval > 0 else 60.0)) as scope:
             await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     async def _flush_locked(self) -> None:
         data = self.client.take_output()
         if data:
             await self._send_locked(data)
 
+    def _wake(self) -> None:
+        if self._writer_parked:
+            self._lot.unpark_all()
+
+    async def _park(self) -> None:
+        self._writer_parked = True
+        try:
+            await self._lot.park()
+        finally:
+            self._writer_parked = False
+
     async def _write_loop(self) -> None:
         client = self.client
-        park = self._lot.park
+        park = self._park
         try:
             while True:
                 if not client.out or client.hold_output:
