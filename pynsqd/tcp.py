@@ -45,6 +45,7 @@ class ConnectionV2:
         # wakeups come per delivered message: only pay for unparking when
         # the writer is actually waiting
         self._writer_parked = False
+        self._processing = False
         self.client.wakeup = self._wake
         self._heartbeat_scope: trio.CancelScope | None = None
         # one sender at a time: the writer task, or the reader while it
@@ -91,6 +92,8 @@ class ConnectionV2:
                 await self._process()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
+        except trio.TooSlowError:
+            self.log.warning("TCP: write timed out, closing slow client")
         finally:
             # let the writer flush what is left (an error frame...), then stop
             client.closing_connection = True
@@ -99,14 +102,21 @@ class ConnectionV2:
 
     async def _process(self) -> None:
         proto = self.proto
-        while True:
-            action = proto.process()
-            if action is None:
-                break
-            if isinstance(action, Close):
-                self.client.closing_connection = True
-                break
-            await self._perform(action)
+        client = self.client
+        # replies and messages produced now are flushed by this task at the
+        # end (one task switch less per request/response round trip)
+        self._processing = True
+        try:
+            while True:
+                action = proto.process()
+                if action is None:
+                    break
+                if isinstance(action, Close):
+                    client.closing_connection = True
+                    break
+                await self._perform(action)
+        finally:
+            self._processing = False
         nsqd = self.nsqd
         if nsqd.sync_pending():
             # acknowledge nothing before it is as durable as --sync-every asks:
@@ -120,8 +130,13 @@ class ConnectionV2:
                 if client.out:
                     client.flush_now = True
                     client.wakeup()
-        if self.client.heartbeat_interval != self._heartbeat_interval:
+        if client.heartbeat_interval != self._heartbeat_interval:
             self._reset_heartbeat()
+        if client.out and not client.hold_output:
+            if client.flush_now and not client.closing_connection and self._send_lock.locked() is False:
+                await self._send(client.take_output())
+            else:
+                self._wake()
 
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Upgrade):
@@ -188,7 +203,7 @@ class ConnectionV2:
             await self._send_locked(data)
 
     def _wake(self) -> None:
-        if self._writer_parked:
+        if self._writer_parked and not self._processing:
             self._lot.unpark_all()
 
     async def _park(self) -> None:
