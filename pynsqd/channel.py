@@ -376,6 +376,9 @@ class Channel:
         else:
             self._requeue(msg)
         self.client_ready_changed(client)
+        if delay <= 0:
+            # the message is back in the queue: another ready client may take it
+            self._pump()
 
     def touch(self, client: ClientV2, msg_id: bytes) -> None:
         msg = self._owned(client, msg_id)

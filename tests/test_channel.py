@@ -228,7 +228,7 @@ class ChannelMachine(RuleBasedStateMachine):
         assert seen.isdisjoint(self.finished)
 
 TestChannelModel = ChannelMachine.TestCase
-TestChannelModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestChannelModel.settings = settings(max_examples=400, stateful_step_count=40, deadline=None)
 
 
 # ------------------------------------------------------------ topic
