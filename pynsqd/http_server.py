@@ -9,6 +9,7 @@ empty body; errors as ``{"message": "CODE"}``; always the header
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -70,14 +71,19 @@ class HTTPError(Exception):
 def respond(data: Any = None, status: int = 200) -> Response:
     """nsqd's RespondV1: text for str/bytes, JSON for anything else, empty for None."""
     if status != 200:
-        return Response(status, json.dumps({"message": str(data)}).encode(), b"application/json; charset=utf-8", [NSQ_CONTENT_TYPE])
+        return Response(status, _json({"message": str(data)}), b"application/json; charset=utf-8", [NSQ_CONTENT_TYPE])
     if data is None:
         return Response(200, b"", None, [NSQ_CONTENT_TYPE])
     if isinstance(data, str):
         return Response(200, data.encode(), b"text/plain; charset=utf-8", [NSQ_CONTENT_TYPE])
     if isinstance(data, bytes):
         return Response(200, data, b"text/plain; charset=utf-8", [NSQ_CONTENT_TYPE])
-    return Response(200, json.dumps(data).encode(), b"application/json; charset=utf-8", [NSQ_CONTENT_TYPE])
+    return Response(200, _json(data), b"application/json; charset=utf-8", [NSQ_CONTENT_TYPE])
+
+
+def _json(data: Any) -> bytes:
+    # compact, as Go's encoding/json writes it
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def respond_error(status: int, message: str) -> Response:
@@ -137,11 +143,18 @@ def _encode_response(conn: h11.Connection, response: Response, method: str, extr
     if response.content_type is not None:
         headers.append((b"Content-Type", response.content_type))
     headers.append((b"Content-Length", str(len(response.body)).encode()))
-    out = conn.send(h11.Response(status_code=response.status, headers=headers))
+    out = conn.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status)))
     if response.body and method != "HEAD":
         out += conn.send(h11.Data(data=response.body))
     out += conn.send(h11.EndOfMessage())
     return out
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 async def _discard_body(stream: trio.abc.Stream, budget: int, timeout: float = 5.0) -> None:

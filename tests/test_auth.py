@@ -50,7 +50,7 @@ class AuthServer:
             def _answer(self, params: dict[str, list[str]]) -> None:
                 flat = {k: v[0] for k, v in params.items()}
                 server.requests.append((self.command, urlsplit(self.path).path, flat))
-                status, body = server.answers.get(flat.get("secret", ""), (403, {"message": "NOT_AUTHORIZED"}))
+                status, body = server.answers.get(flat.get("secret", ""), (403, {"message":"NOT_AUTHORIZED"}))
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -205,7 +205,7 @@ def test_auth_twice_and_auth_after_sub(auth_nsqd):
         (200, {"ttl": 60, "authorizations": [{"topic": "(", "channels": [".*"], "permissions": ["publish"]}]}),
         (200, {"ttl": "60", "authorizations": ALICE["authorizations"]}),
         (200, b"{not json"),
-        (500, {"message": "oops"}),
+        (500, {"message":"oops"}),
     ],
 )
 def test_bad_auth_server_answers_fail_closed(auth_nsqd, authd, unique, answer):

@@ -89,7 +89,7 @@ async def test_post_and_put_send_body_and_headers() -> None:
 async def test_error_statuses_are_returned_not_raised() -> None:
     async with server() as base:
         resp = await http_get(f"{base}/fail")
-        assert (resp.status, resp.body) == (400, b'{"message": "BAD_THING"}')
+        assert (resp.status, resp.body) == (400, b'{"message":"BAD_THING"}')
         assert (await http_get(f"{base}/nope")).status == 404
         assert (await http_request("DELETE", f"{base}/echo")).status == 405
 

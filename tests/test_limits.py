@@ -184,14 +184,14 @@ def test_name_rules_over_tcp_and_http(limited, name, valid):
     status, body = limited.http("POST", "/topic/create?topic=" + __import__("urllib.parse").parse.quote(name))
     assert (status == 200) == valid, body
     if not valid:
-        assert json.loads(body) == {"message": "INVALID_TOPIC"}
+        assert json.loads(body) == {"message":"INVALID_TOPIC"}
 
 
 def test_http_size_limits(limited, unique):
-    assert limited.http("POST", f"/pub?topic={unique}", b"x" * 1001) == (413, b'{"message": "MSG_TOO_BIG"}')
-    assert limited.http("POST", f"/mpub?topic={unique}", b"x\n" * 2501) == (413, b'{"message": "BODY_TOO_BIG"}')
+    assert limited.http("POST", f"/pub?topic={unique}", b"x" * 1001) == (413, b'{"message":"MSG_TOO_BIG"}')
+    assert limited.http("POST", f"/mpub?topic={unique}", b"x\n" * 2501) == (413, b'{"message":"BODY_TOO_BIG"}')
     assert limited.http("POST", f"/mpub?topic={unique}", b"x" * 1001 + b"\nshort")[0] == 413
-    assert limited.http("POST", f"/pub?topic={unique}&defer=10001", b"x") == (400, b'{"message": "INVALID_DEFER"}')
+    assert limited.http("POST", f"/pub?topic={unique}&defer=10001", b"x") == (400, b'{"message":"INVALID_DEFER"}')
     assert limited.http("POST", f"/pub?topic={unique}", b"x" * 1000) == (200, b"OK")
 
 

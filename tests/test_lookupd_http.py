@@ -200,18 +200,18 @@ def test_wrong_method_and_unknown_path(lookupd: LookupdProcess) -> None:
     for method, path in [("POST", "/lookup?topic=x"), ("POST", "/topics"), ("GET", "/topic/create?topic=x"),
                          ("PUT", "/nodes"), ("GET", "/channel/delete")]:
         status, _, body = lookupd.request(method, path)
-        assert (status, json.loads(body)) == (405, {"message": "METHOD_NOT_ALLOWED"}), (method, path)
+        assert (status, json.loads(body)) == (405, {"message":"METHOD_NOT_ALLOWED"}), (method, path)
     status, _, body = lookupd.request("GET", "/nope")
-    assert (status, json.loads(body)) == (404, {"message": "NOT_FOUND"})
+    assert (status, json.loads(body)) == (404, {"message":"NOT_FOUND"})
 
 
 def test_lookup_errors(lookupd: LookupdProcess) -> None:
     status, _, body = lookupd.request("GET", f"/lookup?topic={unique('unknown')}")
-    assert (status, json.loads(body)) == (404, {"message": "TOPIC_NOT_FOUND"})
+    assert (status, json.loads(body)) == (404, {"message":"TOPIC_NOT_FOUND"})
     status, _, body = lookupd.request("GET", "/lookup")
-    assert (status, json.loads(body)) == (400, {"message": "MISSING_ARG_TOPIC"})
+    assert (status, json.loads(body)) == (400, {"message":"MISSING_ARG_TOPIC"})
     status, _, body = lookupd.request("GET", "/channels")
-    assert (status, json.loads(body)) == (400, {"message": "MISSING_ARG_TOPIC"})
+    assert (status, json.loads(body)) == (400, {"message":"MISSING_ARG_TOPIC"})
 
 
 def test_bad_protocol_magic(lookupd: LookupdProcess) -> None:
@@ -336,7 +336,7 @@ def test_topic_and_channel_admin(lookupd: LookupdProcess, nsqd_factory: Callable
     assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["ch"]}
 
     assert lookupd.post(f"/channel/delete?topic={topic}&channel=ch") == (200, b"")
-    assert lookupd.post(f"/channel/delete?topic={topic}&channel=ch") == (404, b'{"message": "CHANNEL_NOT_FOUND"}')
+    assert lookupd.post(f"/channel/delete?topic={topic}&channel=ch") == (404, b'{"message":"CHANNEL_NOT_FOUND"}')
     assert lookupd.post(f"/channel/create?topic={topic}&channel=ch2") == (200, b"")
     assert lookupd.post(f"/topic/delete?topic={topic}") == (200, b"")
     assert lookupd.lookup_nodes(topic) is None

@@ -53,15 +53,15 @@ def test_pub_and_defer(nsqd, unique):
 
 
 def test_pub_errors(nsqd, unique):
-    assert nsqd.http("POST", f"/pub?topic={unique}", b"") == (400, b'{"message": "MSG_EMPTY"}')
-    assert nsqd.http("POST", "/pub", b"x") == (400, b'{"message": "MISSING_ARG_TOPIC"}')
-    assert nsqd.http("POST", "/pub?topic=bad$", b"x") == (400, b'{"message": "INVALID_TOPIC"}')
-    assert nsqd.http("POST", f"/pub?topic={unique}&defer=abc", b"x") == (400, b'{"message": "INVALID_DEFER"}')
-    assert nsqd.http("POST", f"/pub?topic={unique}&defer=-1", b"x") == (400, b'{"message": "INVALID_DEFER"}')
-    assert nsqd.http("POST", f"/pub?topic={unique}&defer=3600001", b"x") == (400, b'{"message": "INVALID_DEFER"}')
-    assert nsqd.http("POST", f"/pub?topic={unique}", b"x" * 1048577) == (413, b'{"message": "MSG_TOO_BIG"}')
-    assert nsqd.http("GET", f"/pub?topic={unique}") == (405, b'{"message": "METHOD_NOT_ALLOWED"}')
-    assert nsqd.http("GET", "/nope") == (404, b'{"message": "NOT_FOUND"}')
+    assert nsqd.http("POST", f"/pub?topic={unique}", b"") == (400, b'{"message":"MSG_EMPTY"}')
+    assert nsqd.http("POST", "/pub", b"x") == (400, b'{"message":"MISSING_ARG_TOPIC"}')
+    assert nsqd.http("POST", "/pub?topic=bad$", b"x") == (400, b'{"message":"INVALID_TOPIC"}')
+    assert nsqd.http("POST", f"/pub?topic={unique}&defer=abc", b"x") == (400, b'{"message":"INVALID_DEFER"}')
+    assert nsqd.http("POST", f"/pub?topic={unique}&defer=-1", b"x") == (400, b'{"message":"INVALID_DEFER"}')
+    assert nsqd.http("POST", f"/pub?topic={unique}&defer=3600001", b"x") == (400, b'{"message":"INVALID_DEFER"}')
+    assert nsqd.http("POST", f"/pub?topic={unique}", b"x" * 1048577) == (413, b'{"message":"MSG_TOO_BIG"}')
+    assert nsqd.http("GET", f"/pub?topic={unique}") == (405, b'{"message":"METHOD_NOT_ALLOWED"}')
+    assert nsqd.http("GET", "/nope") == (404, b'{"message":"NOT_FOUND"}')
     assert topic_stats(nsqd, unique)["message_count"] == 0
 
 
@@ -72,8 +72,8 @@ def test_mpub_text_and_binary(nsqd, unique):
     assert topic_stats(nsqd, unique)["message_count"] == 5
     bad = struct.pack(">i", 2) + struct.pack(">i", 1) + b"x" + struct.pack(">i", 0)
     assert nsqd.http("POST", f"/mpub?topic={unique}&binary=true", bad)[0] == 413
-    assert nsqd.http("POST", f"/mpub?topic={unique}", b"x" * 1048577 + b"\ny") == (413, b'{"message": "MSG_TOO_BIG"}')
-    assert nsqd.http("POST", f"/mpub?topic={unique}", b"x\n" * 2621441) == (413, b'{"message": "BODY_TOO_BIG"}')
+    assert nsqd.http("POST", f"/mpub?topic={unique}", b"x" * 1048577 + b"\ny") == (413, b'{"message":"MSG_TOO_BIG"}')
+    assert nsqd.http("POST", f"/mpub?topic={unique}", b"x\n" * 2621441) == (413, b'{"message":"BODY_TOO_BIG"}')
     assert topic_stats(nsqd, unique)["message_count"] == 5
     c = RawClient(nsqd.tcp_port)
     c.identify(feature_negotiation=True, output_buffer_timeout=25)
@@ -85,33 +85,33 @@ def test_mpub_text_and_binary(nsqd, unique):
 
 def test_topic_and_channel_admin(nsqd, unique):
     assert nsqd.http("POST", f"/topic/create?topic={unique}") == (200, b"")
-    assert nsqd.http("POST", "/topic/create") == (400, b'{"message": "MISSING_ARG_TOPIC"}')
-    assert nsqd.http("POST", "/topic/create?topic=a$") == (400, b'{"message": "INVALID_TOPIC"}')
+    assert nsqd.http("POST", "/topic/create") == (400, b'{"message":"MISSING_ARG_TOPIC"}')
+    assert nsqd.http("POST", "/topic/create?topic=a$") == (400, b'{"message":"INVALID_TOPIC"}')
     assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=c1") == (200, b"")
-    assert nsqd.http("POST", f"/channel/create?topic={unique}") == (400, b'{"message": "MISSING_ARG_CHANNEL"}')
-    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=b$") == (400, b'{"message": "INVALID_ARG_CHANNEL"}')
-    assert nsqd.http("POST", "/channel/create?topic=b$&channel=x") == (400, b'{"message": "INVALID_ARG_TOPIC"}')
-    assert nsqd.http("POST", "/channel/create?topic=missing-topic&channel=x") == (404, b'{"message": "TOPIC_NOT_FOUND"}')
+    assert nsqd.http("POST", f"/channel/create?topic={unique}") == (400, b'{"message":"MISSING_ARG_CHANNEL"}')
+    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=b$") == (400, b'{"message":"INVALID_ARG_CHANNEL"}')
+    assert nsqd.http("POST", "/channel/create?topic=b$&channel=x") == (400, b'{"message":"INVALID_ARG_TOPIC"}')
+    assert nsqd.http("POST", "/channel/create?topic=missing-topic&channel=x") == (404, b'{"message":"TOPIC_NOT_FOUND"}')
     assert [c["channel_name"] for c in topic_stats(nsqd, unique)["channels"]] == ["c1"]
     # empty
     nsqd.http("POST", f"/mpub?topic={unique}", b"1\n2\n3")
     assert topic_stats(nsqd, unique)["channels"][0]["depth"] == 3
     assert nsqd.http("POST", f"/channel/empty?topic={unique}&channel=c1") == (200, b"")
     assert topic_stats(nsqd, unique)["channels"][0]["depth"] == 0
-    assert nsqd.http("POST", f"/channel/empty?topic={unique}&channel=zz") == (404, b'{"message": "CHANNEL_NOT_FOUND"}')
+    assert nsqd.http("POST", f"/channel/empty?topic={unique}&channel=zz") == (404, b'{"message":"CHANNEL_NOT_FOUND"}')
     assert nsqd.http("POST", f"/topic/pause?topic={unique}") == (200, b"")
     nsqd.http("POST", f"/pub?topic={unique}", b"held")
     assert topic_stats(nsqd, unique)["depth"] == 1
     assert nsqd.http("POST", f"/topic/empty?topic={unique}") == (200, b"")
     assert topic_stats(nsqd, unique)["depth"] == 0
     assert nsqd.http("POST", f"/topic/unpause?topic={unique}") == (200, b"")
-    assert nsqd.http("POST", "/topic/pause?topic=missing-topic") == (404, b'{"message": "TOPIC_NOT_FOUND"}')
-    assert nsqd.http("POST", "/topic/empty?topic=missing-topic") == (404, b'{"message": "TOPIC_NOT_FOUND"}')
+    assert nsqd.http("POST", "/topic/pause?topic=missing-topic") == (404, b'{"message":"TOPIC_NOT_FOUND"}')
+    assert nsqd.http("POST", "/topic/empty?topic=missing-topic") == (404, b'{"message":"TOPIC_NOT_FOUND"}')
     # delete
     assert nsqd.http("POST", f"/channel/delete?topic={unique}&channel=c1") == (200, b"")
-    assert nsqd.http("POST", f"/channel/delete?topic={unique}&channel=c1") == (404, b'{"message": "CHANNEL_NOT_FOUND"}')
+    assert nsqd.http("POST", f"/channel/delete?topic={unique}&channel=c1") == (404, b'{"message":"CHANNEL_NOT_FOUND"}')
     assert nsqd.http("POST", f"/topic/delete?topic={unique}") == (200, b"")
-    assert nsqd.http("POST", f"/topic/delete?topic={unique}") == (404, b'{"message": "TOPIC_NOT_FOUND"}')
+    assert nsqd.http("POST", f"/topic/delete?topic={unique}") == (404, b'{"message":"TOPIC_NOT_FOUND"}')
     assert topic_stats(nsqd, unique) == {}
 
 
@@ -127,11 +127,11 @@ def test_config(nsqd):
     assert nsqd.http("GET", "/config/mem_queue_size") == (200, b"10000")
     assert nsqd.http("GET", "/config/msg_timeout") == (200, b"10000000000")
     assert nsqd.http("GET", "/config/nsqlookupd_tcp_addresses") == (200, b"[]")
-    assert nsqd.http("GET", "/config/nope") == (400, b'{"message": "INVALID_OPTION"}')
+    assert nsqd.http("GET", "/config/nope") == (400, b'{"message":"INVALID_OPTION"}')
     assert nsqd.http("PUT", "/config/log_level", b"warn") == (200, b"warn")
-    assert nsqd.http("PUT", "/config/log_level", b"loud") == (400, b'{"message": "INVALID_VALUE"}')
+    assert nsqd.http("PUT", "/config/log_level", b"loud") == (400, b'{"message":"INVALID_VALUE"}')
     assert nsqd.http("PUT", "/config/log_level", b"debug") == (200, b"debug")
-    assert nsqd.http("PUT", "/config/mem_queue_size", b"5") == (400, b'{"message": "INVALID_OPTION"}')
+    assert nsqd.http("PUT", "/config/mem_queue_size", b"5") == (400, b'{"message":"INVALID_OPTION"}')
 
 
 def test_stats_shapes_and_filters(nsqd, unique):
