@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import trio
 
-from pynsqd.listener import format_address
+from pynsqd.listener import format_address, serve_listener
 from pynsqd.log import get_logger
 from pynsqd.protocol import MAGIC_V1, encode_v1_response
 
@@ -96,8 +96,14 @@ async def serve_tcp(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept nsqd connections until cancelled, each in its own task."""
+    log = get_logger()
 
     async def handle(stream: trio.SocketStream) -> None:
-        await serve_lookup_connection(stream, db, server, remote_address=peer_address(stream), clock=clock)
+        remote = peer_address(stream)
+        try:
+            await serve_lookup_connection(stream, db, server, remote_address=remote, clock=clock)
+        except Exception:
+            # a bug met by one connection must not take the daemon down
+            log.exception("TCP: connection failed", remote_address=remote)
 
-    await trio.serve_listeners(handle, [listener], task_status=task_status)
+    await serve_listener(handle, listener, name="TCP", log=log, task_status=task_status)
