@@ -246,9 +246,11 @@ def test_rdy_window_limits_in_flight(nsqd, unique):
     with pytest.raises((socket.timeout, TimeoutError)):
         c.read_message(timeout=0.4)
     c.cmd(b"FIN", m1[2])
-    assert c.read_message()[3] == b"c"
+    m3 = c.read_message()
+    assert m3[3] == b"c"
     c.cmd(b"RDY", "0")
     c.cmd(b"FIN", m2[2])
+    c.cmd(b"FIN", m3[2])
     with pytest.raises((socket.timeout, TimeoutError)):
         c.read_message(timeout=0.4)
     c.cmd(b"RDY", "1")
