@@ -97,7 +97,10 @@ class Options:
         10000, flag="mem-queue-size", kind="int", help="number of messages to keep in memory (per topic/channel)",
     )
     max_bytes_per_file: int = flag_field(104857600, flag="max-bytes-per-file", kind="int", help="number of bytes per diskqueue file before rolling")
-    sync_every: int = flag_field(2500, flag="sync-every", kind="int", help="number of messages per diskqueue fsync")
+    sync_every: int = flag_field(
+        2500, flag="sync-every", kind="int",
+        help="number of messages per diskqueue fsync (1: every message written through and fsynced before OK, in-flight messages survive a crash)",
+    )
     sync_timeout: float = flag_field(2.0, flag="sync-timeout", kind="duration", help="duration of time per diskqueue fsync")
     # nsqd 1.3.0 flags that tune its queue-scan loop; pynsqd keeps per-channel
     # timers instead, so they are accepted (drop-in command lines) and unused
