@@ -47,6 +47,7 @@ from .conn import (
 from .lookupd import Discovery, QueryErrors, producer_tcp_addresses, query_lookupd
 from .message import Message
 from .rdy import RdyController, RdyUpdate
+from .service import NurseryService
 
 Handler = Callable[[Message], Awaitable[Any]]
 GiveUpHook = Callable[[Message], Any]
@@ -146,7 +147,7 @@ class _ReaderConn:
         return message.id in self.in_flight
 
 
-class Reader:
+class Reader(NurseryService):
     """Consume ``topic``/``channel`` with ``handler`` (an async callable).
 
     Addresses are ``host:port``; lookupd addresses may also be URLs.  Any
@@ -209,7 +210,6 @@ class Reader:
         # address -> cancel scope of its supervisor (whoever wants it)
         self._targets: dict[str, trio.CancelScope] = {}
         self._static = set(self.nsqd_tcp_addresses)
-        self._exit_stack: Any = None
         self._queue: trio.MemorySendChannel[Message] | None = None
 
     def _new_rdy(self, now: float) -> RdyController[str]:
@@ -287,22 +287,6 @@ class Reader:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def __aenter__(self) -> Reader:
-        from contextlib import AsyncExitStack
-
-        stack = AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(self.run)
-        self._exit_stack = stack
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool:
-        stack, self._exit_stack = self._exit_stack, None
-        try:
-            await self.stop()
-        finally:
-            suppressed = await stack.__aexit__(*exc_info)
-        return bool(suppressed)
 
     async def wait_connected(self, count: int = 1) -> None:
         """Wait until at least ``count`` connections are subscribed."""

@@ -42,6 +42,7 @@ from .conn import (
     Response,
     open_tcp,
 )
+from .service import NurseryService
 
 # answers that mean "this nsqd cannot take it now", not "this message is bad"
 RETRYABLE_CODES = frozenset({"E_PUB_FAILED", "E_MPUB_FAILED", "E_DPUB_FAILED"})
@@ -94,7 +95,7 @@ class _WriterConn:
             self.pending.popleft().resolve(error)
 
 
-class Writer:
+class Writer(NurseryService):
     """Publish to ``nsqd_tcp_addresses`` (``host:port``), failing over.
 
     Keywords are :class:`WriterConfig` or :class:`~client.conn.ConnectionOptions`
@@ -131,7 +132,6 @@ class Writer:
         self._started = False
         self._closing = False
         self._cancel: trio.CancelScope | None = None
-        self._exit_stack: Any = None
         self.published = 0
         self.failovers = 0
 
@@ -161,22 +161,6 @@ class Writer:
         if self._cancel is not None:
             self._cancel.cancel()
 
-    async def __aenter__(self) -> Writer:
-        from contextlib import AsyncExitStack
-
-        stack = AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(self.run)
-        self._exit_stack = stack
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool:
-        stack, self._exit_stack = self._exit_stack, None
-        try:
-            await self.stop()
-        finally:
-            suppressed = await stack.__aexit__(*exc_info)
-        return bool(suppressed)
 
     @property
     def connected(self) -> list[str]:

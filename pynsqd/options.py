@@ -42,18 +42,24 @@ def parse_tls_min_version(text: str) -> str:
 
 
 @attrs.define(kw_only=True)
-class Options:
-    # basic
+class DaemonOptions:
+    """The flags every NSQ daemon has (nsqd, nsqlookupd)."""
+
     version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
     config: str = flag_field("", flag="config", kind="str", help="path to config file (TOML, flag names with underscores)")
     log_level: str = flag_field(
         "info", flag="log-level", kind="str", choices=LOG_LEVELS, help="set log verbosity: debug, info, warn, error, or fatal"
     )
-    log_prefix: str = flag_field("[nsqd] ", flag="log-prefix", kind="str", help="log message prefix")
+    log_prefix: str = flag_field("", flag="log-prefix", kind="str", help="log message prefix")
     log_format: str = flag_field(
         "text", flag="log-format", kind="str", choices=("text", "json"), help="log line format: text (key=value) or json"
     )
     verbose: bool = flag_field(False, flag="verbose", kind="bool", help="[deprecated] has no effect, use --log-level")
+
+
+@attrs.define(kw_only=True)
+class Options(DaemonOptions):
+    log_prefix: str = flag_field("[nsqd] ", flag="log-prefix", kind="str", help="log message prefix")
     node_id: int = flag_field(
         default_node_id(),
         flag="node-id",

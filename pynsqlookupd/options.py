@@ -7,21 +7,12 @@ import socket
 import attrs
 
 from pynsqd.flags import flag_field, flags_of
-from pynsqd.options import LOG_LEVELS
+from pynsqd.options import DaemonOptions
 
 
 @attrs.define(kw_only=True)
-class Options:
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
-    config: str = flag_field("", flag="config", kind="str", help="path to config file (TOML, flag names with underscores)")
-    log_level: str = flag_field(
-        "info", flag="log-level", kind="str", choices=LOG_LEVELS, help="set log verbosity: debug, info, warn, error, or fatal"
-    )
+class Options(DaemonOptions):
     log_prefix: str = flag_field("[nsqlookupd] ", flag="log-prefix", kind="str", help="log message prefix")
-    log_format: str = flag_field(
-        "text", flag="log-format", kind="str", choices=("text", "json"), help="log line format: text (key=value) or json"
-    )
-    verbose: bool = flag_field(False, flag="verbose", kind="bool", help="[deprecated] has no effect, use --log-level")
 
     tcp_address: str = flag_field("0.0.0.0:4160", flag="tcp-address", kind="str", help="<addr>:<port> to listen on for TCP clients")
     http_address: str = flag_field("0.0.0.0:4161", flag="http-address", kind="str", help="<addr>:<port> to listen on for HTTP clients")
