@@ -180,7 +180,7 @@ def registered(cluster, unique):
     deadline = time.monotonic() + 5
     while len(lookup(lookupd, unique)) < 3:
         if time.monotonic() > deadline:
-            pytest.skip("nsqd --lookupd-tcp-address does not register topics with pynsqlookupd yet")
+            pytest.fail("the nsqds did not register the topic with pynsqlookupd within 5 s")
         time.sleep(0.05)
     return lookupd, nsqds
 
