@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from helpers import wait_for
+
 from pynsqd.protocol import MAGIC_V1, V1ResponseDecoder, encode_command
 
-T = TypeVar("T")
 LISTENING = re.compile(r"(TCP|HTTP): listening on (\S+):(\d+)")
 START_TIMEOUT = 20.0
 _names = itertools.count()
@@ -29,18 +30,6 @@ _names = itertools.count()
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{next(_names)}"
-
-
-def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        time.sleep(interval)
 
 
 class LookupdProcess:
@@ -285,13 +274,13 @@ def test_disconnect_removes_registrations(lookupd: LookupdProcess, nsqd_factory:
     b.register(topic)
     assert lookupd.lookup_nodes(topic) == {a.node, b.node}
     a.close()
-    wait_until(lambda: lookupd.lookup_nodes(topic) == {b.node})
+    wait_for(lambda: lookupd.lookup_nodes(topic) == {b.node})
     # the channel key outlives its producer, as in Go
     assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["ch"]}
     assert a.broadcast_address not in {n["broadcast_address"] for n in lookupd.get("/nodes")["producers"]}
     b.close()
     # no stale producers, but the topic is still known: /lookup answers 200
-    wait_until(lambda: lookupd.lookup_nodes(topic) == set())
+    wait_for(lambda: lookupd.lookup_nodes(topic) == set())
     assert lookupd.get(f"/lookup?topic={topic}") == {"channels": ["ch"], "producers": []}
     assert topic in lookupd.get("/topics")["topics"]
     nodes = {n["broadcast_address"] for n in lookupd.get("/nodes")["producers"]}
@@ -332,7 +321,7 @@ def test_topic_and_channel_admin(lookupd: LookupdProcess, nsqd_factory: Callable
     a.register(topic, "ch")
     assert lookupd.lookup_nodes(topic) == {a.node}
     a.close()
-    wait_until(lambda: lookupd.lookup_nodes(topic) == set())
+    wait_for(lambda: lookupd.lookup_nodes(topic) == set())
     assert lookupd.get(f"/channels?topic={topic}") == {"channels": ["ch"]}
 
     assert lookupd.post(f"/channel/delete?topic={topic}&channel=ch") == (200, b"")
@@ -426,7 +415,7 @@ def test_tombstone_lifetime() -> None:
         debug = {e["broadcast_address"]: e for e in proc.get("/debug")[f"topic:{topic}:"]}
         assert debug[a.broadcast_address]["tombstoned"] is True and debug[a.broadcast_address]["tombstoned_at"] > 0
         # still registered, so it comes back once the lifetime is over
-        wait_until(lambda: proc.lookup_nodes(topic) == {a.node, b.node})
+        wait_for(lambda: proc.lookup_nodes(topic) == {a.node, b.node})
         assert time.monotonic() - started >= 0.9
         nodes = {n["broadcast_address"]: n for n in proc.get("/nodes")["producers"]}
         assert nodes[a.broadcast_address]["tombstones"] == [False, False]
@@ -445,7 +434,7 @@ def test_inactive_producer_timeout() -> None:
         fake.register("idle", "ch")
         assert proc.lookup_nodes("idle") == {fake.node}
         # no PING: hidden from /lookup and /nodes, but still registered
-        wait_until(lambda: proc.lookup_nodes("idle") == set())
+        wait_for(lambda: proc.lookup_nodes("idle") == set())
         assert fake.broadcast_address not in {n["broadcast_address"] for n in proc.get("/nodes")["producers"]}
         assert proc.get("/channels?topic=idle") == {"channels": ["ch"]}
         fake.ping()
