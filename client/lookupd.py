@@ -54,24 +54,22 @@ def parse_lookup(status: int, body: bytes) -> list[dict[str, Any]]:
     return [p for p in doc.get("producers") or [] if isinstance(p, dict)]
 
 
-def producer_tcp_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
+def _producer_addresses(producers: Iterable[dict[str, Any]], port_key: str) -> set[str]:
     out = set()
     for p in producers:
         host = p.get("broadcast_address") or p.get("address") or p.get("hostname")
-        port = p.get("tcp_port")
+        port = p.get(port_key)
         if host and isinstance(port, int):
             out.add(_join(host, port))
     return out
+
+
+def producer_tcp_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
+    return _producer_addresses(producers, "tcp_port")
 
 
 def producer_http_addresses(producers: Iterable[dict[str, Any]]) -> set[str]:
-    out = set()
-    for p in producers:
-        host = p.get("broadcast_address") or p.get("address") or p.get("hostname")
-        port = p.get("http_port")
-        if host and isinstance(port, int):
-            out.add(_join(host, port))
-    return out
+    return _producer_addresses(producers, "http_port")
 
 
 async def query_lookupd(address: str, topic: str, timeout: float) -> list[dict[str, Any]]:

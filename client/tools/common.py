@@ -62,3 +62,13 @@ async def until_signal(on_signal: Callable[[], Awaitable[None]], *, task_status:
             nursery.start_soon(second_signal)
             await on_signal()
             nursery.cancel_scope.cancel()
+
+
+def run_tool(main: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """trio.run for a command-line tool: Ctrl-C exits 130, a closed stdout 0."""
+    try:
+        return trio.run(main, *args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -17,7 +17,7 @@ import trio
 from pynsqd.flags import flag_field, run_cli
 
 from ..lookupd import QueryErrors, producer_http_addresses, query_lookupd
-from .common import version_line
+from .common import version_line, run_tool
 
 HEADER_EVERY = 25
 
@@ -172,12 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.status_every <= 0:
         sys.stderr.write("pynsq_stat: --status-every must be positive\n")
         return 1
-    try:
-        return trio.run(stat_loop, opts, sys.stdout)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_tool(stat_loop, opts, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pynsqd.flags import flag_field, run_cli
 from ..conn import ConnectionOptions
 from ..message import Message
 from ..reader import Reader, ReaderConfig
-from .common import configure_logging, parse_opts, until_signal, version_line
+from .common import configure_logging, parse_opts, until_signal, version_line, run_tool
 
 
 @attrs.define(kw_only=True)
@@ -137,12 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"pynsq_tail: {exc}\n")
         return 1
     configure_logging("pynsq_tail", opts.log_level)
-    try:
-        return trio.run(run_tail, opts, extra)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_tool(run_tail, opts, extra)
 
 
 if __name__ == "__main__":

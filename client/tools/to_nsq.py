@@ -19,7 +19,7 @@ from pynsqd.flags import flag_field, run_cli
 
 from ..conn import ConnectionOptions
 from ..writer import Writer, WriterConfig
-from .common import configure_logging, parse_opts, until_signal, version_line
+from .common import configure_logging, parse_opts, until_signal, version_line, run_tool
 
 MAX_BATCH = 256  # lines per MPUB when stdin delivers many at once
 
@@ -116,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     configure_logging("pynsq_to_nsq", opts.log_level)
     try:
-        return trio.run(run_to_nsq, opts, extra)
-    except KeyboardInterrupt:
-        return 130
+        return run_tool(run_to_nsq, opts, extra)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         sys.stderr.write(f"pynsq_to_nsq: {exc}\n")
         return 1
