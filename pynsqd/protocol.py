@@ -360,8 +360,12 @@ class CommandParser:
         on_header: HeaderHook = _no_header_check,
         on_body_size: BodySizeHook = _default_body_size_check,
         max_line_length: int = MAX_LINE_LENGTH,
+        strip_lines: bool = False,
     ) -> None:
         self._acc = _Accumulator()
+        # nsqlookupd trims surrounding whitespace off every line before it
+        # splits it (so " IDENTIFY" still carries a body); nsqd only drops \r
+        self._strip = strip_lines
         self._body_commands = frozenset(body_commands)
         self._on_header = on_header
         self._on_body_size = on_body_size
@@ -387,7 +391,8 @@ class CommandParser:
             if nl - pos > self._max_line:
                 raise ProtocolError("E_INVALID", f"command line longer than {self._max_line} bytes")
             end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # trim a trailing \r
-            parts = buf[pos:end].split(b" ")
+            line = buf[pos:end]
+            parts = (line.strip() if self._strip else line).split(b" ")
             acc._pos = nl + 1
             name = parts[0]
             if name not in self._body_commands:

@@ -106,7 +106,9 @@ class LookupProtocolV1:
         self.peer: PeerInfo | None = None
         self.closed = False
         self._max_identify_body = max_identify_body
-        self._parser = CommandParser(LOOKUPD_BODY_COMMANDS, on_header=self._check_header, on_body_size=self._check_body_size)
+        self._parser = CommandParser(
+            LOOKUPD_BODY_COMMANDS, on_header=self._check_header, on_body_size=self._check_body_size, strip_lines=True
+        )
         self._log = get_logger(client=remote_address)
 
     # ------------------------------------------------------------ parser hooks
@@ -155,16 +157,10 @@ class LookupProtocolV1:
         return removed
 
     def _execute(self, name: bytes, params: list[bytes], body: bytes | None, now: float) -> bytes:
-        if body is None:
-            # Go trims the whole line (leading and trailing whitespace) before
-            # splitting on single spaces
-            words = b" ".join([name, *params]).strip().split(b" ")
-            name, params = words[0], words[1:]
         if name == b"PING":
             return self._ping(now)
         if name == b"IDENTIFY":
-            assert body is not None
-            return self._identify(body, now)
+            return self._identify(body or b"", now)
         if name == b"REGISTER":
             return self._register(params)
         if name == b"UNREGISTER":

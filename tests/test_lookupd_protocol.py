@@ -304,3 +304,11 @@ def test_script_replies() -> None:
         Registration(TOPIC, "topic_c"): {REMOTE},
         Registration(CHANNEL, "topic_c", "x"): {REMOTE},
     }
+
+
+def test_identify_after_leading_whitespace_reads_its_body_like_go(proto: LookupProtocolV1, db: RegistrationDB) -> None:
+    # Go trims the line before it looks at the command, so " IDENTIFY" is an
+    # IDENTIFY with a body (found by the fuzzer: it used to crash the connection)
+    assert send(proto, b" " + identify())[0].startswith(b"{")
+    assert proto.peer is not None
+    assert send(proto, b"REGISTER t\n") == [b"OK"]
