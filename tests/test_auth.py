@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import trio
 
-from client import Message, Reader, Writer
+from pynsqd.client import Message, Reader, Writer
 from helpers import Certs, RawClient, identify_and_upgrade, start_nsqd, wait_for
 from pynsqd.auth import AuthError, parse_auth_response
 from pynsqd.protocol import FRAME_TYPE_ERROR, FRAME_TYPE_RESPONSE, encode_command
@@ -397,7 +397,7 @@ async def test_our_client_with_auth_secret(auth_nsqd, unique):
             await done.wait()
     assert sorted(got) == [b"a", b"b", b"c"]
     # bob may not publish: nsqd refuses, and says why
-    from client import NSQError
+    from pynsqd.client import NSQError
 
     async with Writer([auth_nsqd.tcp_address], auth_secret="bob-secret", publish_timeout=5) as writer:
         with pytest.raises(NSQError) as info:

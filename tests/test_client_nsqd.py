@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from client import Message, Reader, Writer
+from pynsqd.client import Message, Reader, Writer
 from helpers import Daemon, http_request, start_nsqd
 
 DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
@@ -137,7 +137,7 @@ async def test_writer_pub_mpub_dpub_and_errors(nsqd, unique):
         async with trio.open_nursery() as nursery:  # pipelined on one connection
             for i in range(50):
                 nursery.start_soon(writer.pub, unique, f"c{i}".encode())
-        from client import NSQError
+        from pynsqd.client import NSQError
 
         with pytest.raises(NSQError) as info:
             await writer.pub(unique, b"x" * (2 * 1024 * 1024))

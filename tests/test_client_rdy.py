@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.backoff import Backoff, ExponentialStrategy, FullJitterStrategy, Outcome, Signal
-from client.rdy import RdyController, RdyUpdate
+from pynsqd.client.backoff import Backoff, ExponentialStrategy, FullJitterStrategy, Outcome, Signal
+from pynsqd.client.rdy import RdyController, RdyUpdate
 
 
 def rdys(ctl: RdyController) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from client import Message, NSQError, PublishError, Reader, Writer
+from pynsqd.client import Message, NSQError, PublishError, Reader, Writer
 from pynsqd.protocol import (
     CLOSE_WAIT,
     MAGIC_V2,

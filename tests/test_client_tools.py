@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from client.tools.stat import ChannelSample, header, row, sum_channel
-from client.tools.to_nsq import split_records
+from pynsqd.client.tools.stat import ChannelSample, header, row, sum_channel
+from pynsqd.client.tools.to_nsq import split_records
 
-TOOL = [sys.executable, "-c", "import sys; from client.tools.{0} import main; sys.exit(main())"]
+TOOL = [sys.executable, "-c", "import sys; from pynsqd.client.tools.{0} import main; sys.exit(main())"]
 
 
 def tool(name: str, *args: str, stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess:

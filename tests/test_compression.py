@@ -18,7 +18,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client import Message, Reader, Writer
+from pynsqd.client import Message, Reader, Writer
 from helpers import Certs, RawClient, identify_and_upgrade, read_frame_exact, start_nsqd
 from pynsqd.protocol import FRAME_TYPE_ERROR, encode_command
 from pynsqd.streams import (

@@ -247,7 +247,7 @@ def run_word_count(nsqd: Daemon, lookupd_http: str, tmp_path: Path, start) -> No
 
     lines, expected = sentences(300, random.Random(7))
     feed = subprocess.run(
-        [sys.executable, "-m", "client.tools.to_nsq", "--topic=sentences", f"--nsqd-tcp-address={nsqd.tcp_address}"],
+        [sys.executable, "-m", "pynsqd.client.tools.to_nsq", "--topic=sentences", f"--nsqd-tcp-address={nsqd.tcp_address}"],
         input="\n".join(lines).encode(), capture_output=True, timeout=30,
     )
     assert feed.returncode == 0, feed.stderr

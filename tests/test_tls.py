@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from client import Message, Reader, Writer
+from pynsqd.client import Message, Reader, Writer
 from helpers import Certs, Daemon, RawClient, identify_and_upgrade, read_frame_exact, start_nsqd, wait_for
 from pynsqd.protocol import FRAME_TYPE_ERROR
 
@@ -391,7 +391,7 @@ async def test_our_writer_and_reader_over_tls_with_a_client_certificate(tmp_path
                 await all_in.wait()
         assert sorted(got) == sorted(f"m{i}".encode() for i in range(30))
         # without a certificate our client is refused
-        from client.conn import Connection, ConnectionClosed, ConnectionOptions
+        from pynsqd.client.conn import Connection, ConnectionClosed, ConnectionOptions
 
         conn = Connection(d.tcp_address, ConnectionOptions(tls_v1=True, tls_context=certs.client_context()))
         with pytest.raises((trio.BrokenResourceError, ConnectionClosed, OSError)):

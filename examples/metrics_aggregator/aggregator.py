@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 import trio
 
-from client import Message, Reader
+from pynsqd.client import Message, Reader
 from pynsqd import log
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from client import Message, Reader
+from pynsqd.client import Message, Reader
 from pynsqd import log
 
 

@@ -25,7 +25,7 @@ from collections import Counter
 
 import trio
 
-from client import Message, Reader
+from pynsqd.client import Message, Reader
 from pynsqd import log
 
 

@@ -27,7 +27,7 @@ import signal
 
 import trio
 
-from client import Message, Reader, Writer
+from pynsqd.client import Message, Reader, Writer
 from pynsqd import log
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
