@@ -1,9 +1,11 @@
-"""One client connection to nsqd: a sans-IO protocol object and its trio edge.
+"""One client connection to nsqd: sans-IO protocol objects and their anyio edge.
 
-:class:`ConnProtocol` turns received bytes into events and queued commands
-into bytes (answering heartbeats on its own); it never touches a socket.
-:class:`Connection` moves those bytes over a trio stream.  Commands queued
-between two writes go out in one ``send_all``, so a burst of FINs costs one
+:class:`Handshake` and :class:`ConnProtocol` take and return bytes and never
+touch a socket, so the async :class:`Connection` (trio or asyncio, through
+anyio) and the blocking :class:`~pynsqd.client.SyncWriter` drive the same
+code.  :class:`ConnProtocol` turns received bytes into events and queued
+commands into bytes (answering heartbeats on its own); commands queued
+between two writes go out in one ``send``, so a burst of FINs costs one
 system call.
 
 The handshake is ``"  V2"`` + IDENTIFY (with feature negotiation), then, for
@@ -18,11 +20,13 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+import anyio.abc
 import attrs
-import trio
 
 from pynsqd.protocol import (
     CLOSE_WAIT,
@@ -33,47 +37,20 @@ from pynsqd.protocol import (
     MAGIC_V2,
     OK,
     Frame,
-    ProtocolError,
     FrameDecoder,
+    ProtocolError,
     decode_message,
     encode_command,
     encode_mpub_body,
 )
-from pynsqd.log import get_logger
 
 from . import __version__
+from .errors import ConnectionClosed, HandshakeError, NSQError, describe
+from .log import Prefixed, get_logger
 
 USER_AGENT = f"pynsqd-client/{__version__}"
-NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
-
-
-# ================================================================ errors
-
-
-class NSQError(Exception):
-    """An error frame from nsqd: ``code`` is ``E_BAD_TOPIC``..."""
-
-    def __init__(self, code: str, description: str = "") -> None:
-        super().__init__(f"{code} {description}".strip())
-        self.code = code
-        self.description = description
-
-    @property
-    def fatal(self) -> bool:
-        return self.code not in NON_FATAL_ERRORS
-
-    @classmethod
-    def from_frame(cls, data: bytes) -> NSQError:
-        code, _, description = data.decode(errors="replace").partition(" ")
-        return cls(code, description)
-
-
-class ConnectionClosed(Exception):
-    """The connection went away before nsqd answered."""
-
-
-class HandshakeError(Exception):
-    """nsqd did not accept the connection (IDENTIFY, upgrade, AUTH or SUB)."""
+MAX_HANDSHAKE_FRAME = 16 * 1024 * 1024
+_FRAME_HEADER = struct.Struct(">ii")
 
 
 # ================================================================ sans-IO
@@ -115,6 +92,80 @@ def parse_identify_response(data: bytes) -> IdentifyResponse:
     fields = {a.name for a in attrs.fields(IdentifyResponse)} - {"raw"}
     known = {k: v for k, v in raw.items() if k in fields}
     return IdentifyResponse(**known, raw=raw)
+
+
+@attrs.frozen
+class Upgrade:
+    """Handshake action: wrap the stream in this layer (``tls``, ``snappy``,
+    ``deflate``), then read nsqd's ``OK`` through it."""
+
+    kind: str
+
+
+class Handshake:
+    """The client's side of the handshake.
+
+    The edge sends :meth:`start`, then reads frames one at a time (exact
+    sizes: :meth:`frame_body_size` on the 8-byte header) and hands each to
+    :meth:`receive_frame`, carrying out what it returns -- bytes to send or
+    an :class:`Upgrade` -- until :attr:`done`.  Error frames raise
+    :class:`NSQError`; anything unexpected :class:`HandshakeError`.
+    """
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.options = options
+        self.identify: IdentifyResponse | None = None
+        self.auth: dict[str, Any] | None = None
+        self.done = False
+        self._expect = "identify"
+        self._upgrades: list[str] = []
+
+    def start(self) -> bytes:
+        return MAGIC_V2 + encode_command(b"IDENTIFY", body=json.dumps(self.options.identify_body()).encode())
+
+    @staticmethod
+    def frame_body_size(header: bytes) -> tuple[int, int]:
+        """(bytes that follow the header, frame type)."""
+        size, frame_type = _FRAME_HEADER.unpack(header)
+        if size < 4 or size > MAX_HANDSHAKE_FRAME:
+            raise HandshakeError(f"bad frame size {size}")
+        return size - 4, frame_type
+
+    def receive_frame(self, frame_type: int, data: bytes) -> list[bytes | Upgrade]:
+        if frame_type == FRAME_TYPE_ERROR:
+            raise NSQError.from_frame(data)
+        if frame_type != FRAME_TYPE_RESPONSE:
+            raise HandshakeError(f"unexpected frame type {frame_type} during the handshake")
+        if data == HEARTBEAT:
+            return [encode_command(b"NOP")]
+        if self._expect == "identify":
+            self.identify = parse_identify_response(data)
+            self._upgrades = list(self.identify.upgrades)
+        elif self._expect.startswith("upgrade "):
+            if data != OK:
+                raise HandshakeError(f"{self._expect[8:]} upgrade: nsqd answered {data[:100]!r}")
+        elif self._expect == "auth":
+            try:
+                self.auth = json.loads(data)
+            except ValueError:
+                raise HandshakeError(f"unexpected AUTH response {data[:100]!r}") from None
+            self.done = True
+            return []
+        return self._next()
+
+    def _next(self) -> list[bytes | Upgrade]:
+        assert self.identify is not None
+        if self._upgrades:
+            kind = self._upgrades.pop(0)
+            self._expect = f"upgrade {kind}"
+            return [Upgrade(kind)]
+        if self.identify.auth_required:
+            if not self.options.auth_secret:
+                raise HandshakeError("nsqd requires AUTH and no auth_secret is set")
+            self._expect = "auth"
+            return [encode_command(b"AUTH", body=self.options.auth_secret.encode())]
+        self.done = True
+        return []
 
 
 @attrs.frozen
@@ -282,14 +333,22 @@ class ConnectionOptions:
             return self.read_timeout
         return 2 * self.heartbeat_interval if self.heartbeat_interval > 0 else 60.0
 
+    def tls_settings(self, host: str) -> tuple[ssl.SSLContext, str]:
+        """(context, server name) for the TLS upgrade: the system's trust
+        store and the dialled host unless given."""
+        return self.tls_context or ssl.create_default_context(), self.tls_server_hostname or host
 
-OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
-# (stream, what nsqd agreed to, our options, host) -> the wrapped stream
-Upgrader = Callable[[trio.abc.Stream, IdentifyResponse, ConnectionOptions, str], Awaitable[trio.abc.Stream]]
 
-
-async def open_tcp(host: str, port: int) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(host, port)
+def split_options(options: dict[str, Any], own: type, owner: str) -> tuple[dict[str, Any], ConnectionOptions]:
+    """Keywords for ``own`` (an attrs class) and the ConnectionOptions; an
+    unknown keyword is a TypeError naming it."""
+    own_names = {a.name for a in attrs.fields(own)}
+    conn_names = {a.name for a in attrs.fields(ConnectionOptions)}
+    unknown = set(options) - own_names - conn_names
+    if unknown:
+        raise TypeError(f"unknown {owner} option{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}")
+    conn = ConnectionOptions(**{k: v for k, v in options.items() if k in conn_names})
+    return {k: v for k, v in options.items() if k in own_names}, conn
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -299,24 +358,72 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def upgrade_stream(kind: str, stream: trio.abc.Stream, identify: IdentifyResponse, options: ConnectionOptions, host: str) -> trio.abc.Stream:
-    """The built-in layers; imported lazily so plain connections need none."""
+# ================================================================ async edge
+
+ByteStream = anyio.abc.ByteStream
+OpenStream = Callable[[str, int], Awaitable[ByteStream]]
+# (layer, stream, what nsqd agreed to, our options, host) -> the wrapped stream
+Upgrader = Callable[[str, ByteStream, IdentifyResponse, ConnectionOptions, str], Awaitable[ByteStream]]
+# errors that mean "this connection is gone", whatever the backend
+STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+CONNECT_ERRORS = (*STREAM_ERRORS, HandshakeError, NSQError, ConnectionClosed)
+
+
+async def open_tcp(host: str, port: int) -> ByteStream:
+    return await anyio.connect_tcp(host, port)
+
+
+class CompressedByteStream(anyio.abc.ByteStream):
+    """An anyio byte stream through one of the codecs nsqd itself uses
+    (``pynsqd.streams``): one implementation of snappy/deflate for both ends."""
+
+    def __init__(self, inner: ByteStream, encoder: Any, decoder: Any) -> None:
+        self.inner = inner
+        self.encoder = encoder
+        self.decoder = decoder
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        from pynsqd.streams import CorruptStream
+
+        while True:
+            try:
+                data: bytes = self.decoder.read(max_bytes)
+            except CorruptStream as exc:
+                raise anyio.BrokenResourceError(str(exc)) from exc
+            if data:
+                return data
+            if self.decoder.finished:
+                raise anyio.EndOfStream
+            self.decoder.feed(await self.inner.receive())
+
+    async def send(self, item: bytes) -> None:
+        out = self.encoder.encode(bytes(item))
+        if out:
+            await self.inner.send(out)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def upgrade_stream(kind: str, stream: ByteStream, identify: IdentifyResponse, options: ConnectionOptions, host: str) -> ByteStream:
+    """The built-in layers."""
     if kind == "tls":
-        context = options.tls_context or ssl.create_default_context()
-        tls = trio.SSLStream(stream, context, server_hostname=options.tls_server_hostname or host)
-        await tls.do_handshake()
-        return tls
+        from anyio.streams.tls import TLSStream
+
+        context, server_name = options.tls_settings(host)
+        # nsqd closes without a TLS close_notify, as Go's net/http does
+        return await TLSStream.wrap(stream, hostname=server_name, ssl_context=context, standard_compatible=False)
     if kind in ("snappy", "deflate"):
-        # the codec nsqd itself uses (pynsqd.streams): one implementation for both ends
-        from pynsqd.streams import DeflateStream, SnappyStream
+        from pynsqd.streams import DeflateDecoder, DeflateEncoder, SnappyDecoder, SnappyEncoder
 
         if kind == "snappy":
-            return SnappyStream(stream)
-        return DeflateStream(stream, identify.deflate_level or options.deflate_level)
+            return CompressedByteStream(stream, SnappyEncoder(), SnappyDecoder())
+        return CompressedByteStream(stream, DeflateEncoder(identify.deflate_level or options.deflate_level), DeflateDecoder())
     raise HandshakeError(f"no upgrader for {kind}")
 
-
-# ================================================================ trio edge
 
 EventHandler = Callable[["Connection", list[Event]], None]
 
@@ -327,6 +434,7 @@ class Connection:
 
     Producers and consumers queue commands through :attr:`proto` and call
     :meth:`wake`; a single writer task sends whatever has accumulated.
+    Everything here runs on the event loop of the caller (trio or asyncio).
     """
 
     def __init__(
@@ -335,8 +443,8 @@ class Connection:
         options: ConnectionOptions | None = None,
         *,
         open_stream: OpenStream = open_tcp,
-        upgrader: Callable[..., Awaitable[trio.abc.Stream]] = upgrade_stream,
-        log: Any = None,
+        upgrader: Upgrader = upgrade_stream,
+        log: Prefixed | None = None,
     ) -> None:
         self.address = address
         self.host, self.port = split_address(address)
@@ -346,12 +454,12 @@ class Connection:
         self.auth: dict[str, Any] | None = None
         self._open_stream = open_stream
         self._upgrader = upgrader
-        self._stream: trio.abc.Stream | None = None
-        self._wakeup = trio.Event()
+        self._stream: ByteStream | None = None
+        self._wakeup = anyio.Event()
         self._close_requested = False
-        self._cancel: trio.CancelScope | None = None
+        self._cancel: anyio.CancelScope | None = None
         self.closed = False
-        self.log = log or get_logger(conn=address)
+        self.log = log or get_logger(__name__, f"nsqd {address}")
 
     def __repr__(self) -> str:
         return f"<Connection {self.address}>"
@@ -359,76 +467,67 @@ class Connection:
     # ------------------------------------------------------------ handshake
 
     async def connect(self) -> IdentifyResponse:
-        """Dial, IDENTIFY, add the negotiated layers, AUTH.  Raises OSError,
-        HandshakeError, NSQError or trio.TooSlowError (dial timeout)."""
-        with trio.fail_after(self.options.dial_timeout):
+        """Dial, IDENTIFY, add the negotiated layers, AUTH.  Raises OSError
+        (TimeoutError for the dial timeout), HandshakeError, NSQError or
+        ConnectionClosed."""
+        with anyio.fail_after(self.options.dial_timeout):
             stream = await self._open_stream(self.host, self.port)
         self._stream = stream
+        handshake = Handshake(self.options)
         try:
-            with trio.fail_after(self.options.dial_timeout + self.options.write_timeout):
-                await stream.send_all(MAGIC_V2 + encode_command(b"IDENTIFY", body=json.dumps(self.options.identify_body()).encode()))
-                frame = await self._read_frame()
-                identify = parse_identify_response(frame.data)
-                for kind in identify.upgrades:
-                    self._stream = await self._upgrader(kind, self._stream, identify, self.options, self.host)
-                    ok = await self._read_frame()
-                    if ok.data != OK:
-                        raise HandshakeError(f"{kind} upgrade: nsqd answered {ok.data[:100]!r}")
-                if identify.auth_required:
-                    if not self.options.auth_secret:
-                        raise HandshakeError("nsqd requires AUTH and no auth_secret is set")
-                    await self._stream.send_all(encode_command(b"AUTH", body=self.options.auth_secret.encode()))
-                    self.auth = json.loads((await self._read_frame()).data)
+            with anyio.fail_after(self.options.dial_timeout + self.options.write_timeout):
+                await stream.send(handshake.start())
+                while not handshake.done:
+                    frame_type, data = await self._read_frame()
+                    for action in handshake.receive_frame(frame_type, data):
+                        if isinstance(action, Upgrade):
+                            assert handshake.identify is not None
+                            self._stream = await self._upgrader(action.kind, self._stream, handshake.identify, self.options, self.host)
+                        else:
+                            await self._stream.send(action)
         except BaseException:
-            await trio.aclose_forcefully(self._stream)
-            self.closed = True
+            await self._abandon()
             raise
-        self.identify = identify
-        return identify
+        assert handshake.identify is not None
+        self.identify = handshake.identify
+        self.auth = handshake.auth
+        return handshake.identify
 
     async def subscribe(self, topic: str, channel: str) -> None:
         assert self._stream is not None
         try:
-            with trio.fail_after(self.options.dial_timeout + self.options.write_timeout):
-                await self._stream.send_all(encode_command(b"SUB", topic, channel))
-                frame = await self._read_frame()
+            with anyio.fail_after(self.options.dial_timeout + self.options.write_timeout):
+                await self._stream.send(encode_command(b"SUB", topic, channel))
+                while True:
+                    frame_type, data = await self._read_frame()
+                    if frame_type == FRAME_TYPE_RESPONSE and data == HEARTBEAT:
+                        await self._stream.send(encode_command(b"NOP"))
+                        continue
+                    break
+            if frame_type != FRAME_TYPE_RESPONSE or data != OK:
+                raise HandshakeError(f"SUB {topic} {channel}: {data[:200].decode(errors='replace')}")
         except BaseException:
-            await trio.aclose_forcefully(self._stream)
-            self.closed = True
+            await self._abandon()
             raise
-        if frame.data != OK:
-            await trio.aclose_forcefully(self._stream)
-            self.closed = True
-            raise HandshakeError(f"SUB {topic} {channel}: {frame.data[:200].decode(errors='replace')}")
+
+    async def _abandon(self) -> None:
+        self.closed = True
+        if self._stream is not None:
+            await anyio.aclose_forcefully(self._stream)
 
     async def _read_exactly(self, n: int) -> bytes:
         assert self._stream is not None
         buf = bytearray()
         while len(buf) < n:
-            chunk = await self._stream.receive_some(n - len(buf))
-            if not chunk:
-                raise ConnectionClosed(f"{self.address} closed during the handshake")
-            buf += chunk
+            try:
+                buf += await self._stream.receive(n - len(buf))
+            except anyio.EndOfStream:
+                raise ConnectionClosed(f"{self.address} closed the connection during the handshake") from None
         return bytes(buf)
 
-    async def _read_frame(self) -> Frame:
-        """One handshake frame, answering heartbeats; error frames raise."""
-        while True:
-            header = await self._read_exactly(8)
-            size = int.from_bytes(header[:4], "big", signed=True)
-            frame_type = int.from_bytes(header[4:], "big", signed=True)
-            if size < 4 or size > 16 * 1024 * 1024:
-                raise HandshakeError(f"bad frame size {size}")
-            data = await self._read_exactly(size - 4)
-            if frame_type == FRAME_TYPE_ERROR:
-                raise NSQError.from_frame(data)
-            if frame_type == FRAME_TYPE_RESPONSE and data == HEARTBEAT:
-                assert self._stream is not None
-                await self._stream.send_all(encode_command(b"NOP"))
-                continue
-            if frame_type != FRAME_TYPE_RESPONSE:
-                raise HandshakeError(f"unexpected frame type {frame_type} during the handshake")
-            return Frame(frame_type, data)
+    async def _read_frame(self) -> tuple[int, bytes]:
+        size, frame_type = Handshake.frame_body_size(await self._read_exactly(8))
+        return frame_type, await self._read_exactly(size)
 
     # ------------------------------------------------------------ running
 
@@ -459,54 +558,54 @@ class Connection:
         try:
             if self._close_requested:
                 return
-            async with trio.open_nursery() as nursery:
-                self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._write_loop, stream, nursery.cancel_scope)
+            async with anyio.create_task_group() as tg:
+                self._cancel = tg.cancel_scope
+                tg.start_soon(self._write_loop, stream, tg.cancel_scope)
                 await self._read_loop(stream, on_events)
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
         finally:
             self.closed = True
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
 
-    async def _read_loop(self, stream: trio.abc.Stream, on_events: EventHandler) -> None:
+    async def _read_loop(self, stream: ByteStream, on_events: EventHandler) -> None:
         timeout = self.options.effective_read_timeout()
         proto = self.proto
         while True:
             try:
-                with trio.move_on_after(timeout) as scope:
-                    data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.log.warning("connection lost", error=repr(exc))
-                return
-            if scope.cancelled_caught:
-                self.log.warning("read timeout: no data from nsqd", timeout=timeout)
-                return
-            if not data:
+                with anyio.move_on_after(timeout) as scope:
+                    data = await stream.receive(65536)
+            except anyio.EndOfStream:
                 if not self._close_requested:
                     self.log.info("nsqd closed the connection")
+                return
+            except STREAM_ERRORS as exc:
+                self.log.warning("connection lost: %s", describe(exc))
+                return
+            if scope.cancelled_caught:
+                self.log.warning("read timeout: no data from nsqd for %ss", timeout)
                 return
             try:
                 events = proto.receive_data(data)
             except (ProtocolError, ValueError, HandshakeError) as exc:
-                self.log.error("bad data from nsqd, closing", error=str(exc))
+                self.log.error("bad data from nsqd, closing: %s", exc)
                 return
             if events:
                 on_events(self, events)
             if proto.has_data:
                 self._wakeup.set()
 
-    async def _write_loop(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    async def _write_loop(self, stream: ByteStream, scope: anyio.CancelScope) -> None:
         proto = self.proto
         while True:
             await self._wakeup.wait()
-            self._wakeup = trio.Event()
+            self._wakeup = anyio.Event()
             data = proto.data_to_send()
             if data:
                 try:
-                    with trio.fail_after(self.options.write_timeout):
-                        await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
-                    self.log.warning("write failed", error=repr(exc))
+                    with anyio.fail_after(self.options.write_timeout):
+                        await stream.send(data)
+                except STREAM_ERRORS as exc:  # TimeoutError is an OSError
+                    self.log.warning("write failed: %s", describe(exc))
                     scope.cancel()
                     return
             if self._close_requested and not proto.has_data:

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import attrs
 
+from .errors import AlreadyResponded
+
 
 class Responder(Protocol):
     """What a message reports its fate to (the connection it came on)."""
@@ -15,10 +17,6 @@ class Responder(Protocol):
     def requeue(self, message: Message, delay: float | None, backoff: bool) -> None: ...
 
     def touch(self, message: Message) -> None: ...
-
-
-class AlreadyResponded(Exception):
-    """FIN or REQ was already sent for this message."""
 
 
 @attrs.define(eq=False)
@@ -32,7 +30,9 @@ class Message:
     later yourself (from another task), with :meth:`finish` or
     :meth:`requeue`; :meth:`touch` asks nsqd for more time meanwhile.
     The methods only queue a command for the connection, so they are plain
-    (not async) and safe to call from any task of the Reader's trio run.
+    (not async); they can be called from any task of the Reader's event
+    loop and from any thread (a sync handler's worker thread, a pool of
+    your own), as long as the Reader is running.
     """
 
     id: bytes

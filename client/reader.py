@@ -4,15 +4,19 @@
         print(message.body)            # return: FIN; raise: REQ (and back off)
 
     async with Reader("topic", "channel", handler, lookupd_http_addresses=["127.0.0.1:4161"], max_in_flight=10):
-        await trio.sleep_forever()
+        await anyio.sleep_forever()
 
-Everything runs in the Reader's own nursery, inside the caller's task (``async
-with``, or ``await reader.run()`` in a nursery of yours): one supervisor task
-per nsqd (connect, subscribe, serve, reconnect with backoff), the lookupd
-poller, the RDY timer task, and one task per message being handled.  The
-decisions -- how much RDY each connection gets, when to back off -- are made
-by the sans-IO :class:`~client.rdy.RdyController`; this module only carries
-them out.
+Runs on trio and on asyncio (anyio).  The handler may also be a plain
+function: it then runs in worker threads, never more at once than the
+Reader's concurrency, with the same FIN/REQ rules.
+
+Everything runs in the Reader's own task group, inside the caller's task
+(``async with``, or ``await reader.run()`` in a task group of yours): one
+supervisor task per nsqd (connect, subscribe, serve, reconnect with
+backoff), the lookupd poller, the RDY timer task, and one task per message
+being handled.  The decisions -- how much RDY each connection gets, when to
+back off -- are made by the sans-IO :class:`~pynsqd.client.rdy.RdyController`;
+this module only carries them out.
 """
 
 from __future__ import annotations
@@ -20,39 +24,53 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Union
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
 import attrs
-import trio
 
-from pynsqd.log import get_logger
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
 from .backoff import Backoff, strategy_named
 from .conn import (
+    CONNECT_ERRORS,
     CloseWait,
     Connection,
-    ConnectionClosed,
-    ConnectionOptions,
     ErrorReceived,
     Event,
-    HandshakeError,
     IdentifyResponse,
     MessageReceived,
-    NSQError,
     OpenStream,
     open_tcp,
+    split_options,
 )
+from .errors import NotRunningError, describe
+from .log import get_logger
 from .lookupd import Discovery, QueryErrors, producer_tcp_addresses, query_lookupd
 from .message import Message
 from .rdy import RdyController, RdyUpdate
-from .service import NurseryService
+from .service import NurseryService, background_failure
 
-Handler = Callable[[Message], Awaitable[Any]]
+# an async function, or a plain one (run in a worker thread); returning
+# False requeues, as in pynsq
+Handler = Callable[[Message], Union[Awaitable[Any], Any]]
 GiveUpHook = Callable[[Message], Any]
 
-_CONNECT_ERRORS = (OSError, trio.TooSlowError, HandshakeError, NSQError, ConnectionClosed, trio.BrokenResourceError)
+# while lookupd knows no nsqd for the topic, ask again after 1, 2, 4... s
+# (up to lookupd_poll_interval): a Reader started before its topic exists
+# gets the first message within seconds, not a poll interval later
+FIRST_EMPTY_POLL_RETRY = 1.0
+
+
+def is_async_callable(fn: Any) -> bool:
+    """``async def`` functions, partials of them, objects with an async ``__call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 @attrs.define(kw_only=True)
@@ -89,20 +107,6 @@ class ReaderStats:
     connections: int
 
 
-def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    reader_names = {a.name for a in attrs.fields(ReaderConfig)}
-    conn_names = {a.name for a in attrs.fields(ConnectionOptions)}
-    reader_kw, conn_kw = {}, {}
-    for name, value in options.items():
-        if name in reader_names:
-            reader_kw[name] = value
-        elif name in conn_names:
-            conn_kw[name] = value
-        else:
-            raise TypeError(f"unknown Reader option {name!r}")
-    return reader_kw, conn_kw
-
-
 class _ReaderConn:
     """A subscribed connection as the Reader sees it; messages answer to it."""
 
@@ -117,15 +121,25 @@ class _ReaderConn:
     def address(self) -> str:
         return self.conn.address
 
-    # -- Responder: called by Message.finish()/requeue()/touch()
+    # -- Responder: called by Message.finish()/requeue()/touch(), from the
+    # event loop or from any thread (the work is then done on the loop)
 
     def finish(self, message: Message) -> None:
+        self.reader._on_loop(self._finish, message)
+
+    def requeue(self, message: Message, delay: float | None, backoff: bool) -> None:
+        self.reader._on_loop(self._requeue, message, delay, backoff)
+
+    def touch(self, message: Message) -> None:
+        self.reader._on_loop(self._touch, message)
+
+    def _finish(self, message: Message) -> None:
         if self._answerable(message):
             self.conn.proto.fin(message.id)
             self.conn.wake()
         self.reader._message_done(self, message, finished=True, backoff=False)
 
-    def requeue(self, message: Message, delay: float | None, backoff: bool) -> None:
+    def _requeue(self, message: Message, delay: float | None, backoff: bool) -> None:
         if delay is None:
             cfg = self.reader.config
             delay = min(cfg.default_requeue_delay * message.attempts, cfg.max_requeue_delay)
@@ -134,7 +148,7 @@ class _ReaderConn:
             self.conn.wake()
         self.reader._message_done(self, message, finished=False, backoff=backoff)
 
-    def touch(self, message: Message) -> None:
+    def _touch(self, message: Message) -> None:
         if self._answerable(message):
             self.conn.proto.touch(message.id)
             self.conn.wake()
@@ -142,19 +156,22 @@ class _ReaderConn:
     def _answerable(self, message: Message) -> bool:
         if self.gone or self.conn.closed:
             # nsqd requeues it itself once it notices the connection is gone
-            self.reader.log.warning("connection gone, cannot answer for message", msg_id=message.id.decode(errors="replace"))
+            self.reader.log.warning("nsqd %s: connection gone, cannot answer for message %s", self.address, message.id.decode(errors="replace"))
             return False
         return message.id in self.in_flight
 
 
 class Reader(NurseryService):
-    """Consume ``topic``/``channel`` with ``handler`` (an async callable).
+    """Consume ``topic``/``channel`` with ``handler``.
 
-    Addresses are ``host:port``; lookupd addresses may also be URLs.  Any
-    :class:`ReaderConfig` or :class:`~client.conn.ConnectionOptions` field
-    can be given as a keyword (``heartbeat_interval=5``, ``msg_timeout=30``,
-    ``backoff_strategy="full_jitter"``...).  ``on_give_up(message)`` (sync or
-    async) is called once for a message seen more than ``max_attempts``
+    ``handler(message)`` is an async callable, or a plain function (run in a
+    worker thread; at most ``concurrency``, else ``max_in_flight``, at once).
+    Returning finishes the message, raising or returning ``False`` requeues
+    it.  Addresses are ``host:port``; lookupd addresses may also be URLs.
+    Any :class:`ReaderConfig` or :class:`ConnectionOptions` field can be
+    given as a keyword (``heartbeat_interval=5``, ``msg_timeout=30``,
+    ``backoff_strategy="full_jitter"``...).  ``on_give_up(message)`` (sync
+    or async) is called once for a message seen more than ``max_attempts``
     times, which is then finished.  ``open_stream(host, port)`` replaces
     the TCP dialer (tests, proxies).
     """
@@ -176,41 +193,49 @@ class Reader(NurseryService):
             raise ValueError(f"invalid topic name {topic!r}")
         if not is_valid_channel_name(channel):
             raise ValueError(f"invalid channel name {channel!r}")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         if isinstance(nsqd_tcp_addresses, str) or isinstance(lookupd_http_addresses, str):
             raise TypeError("addresses must be a list of strings")
         self.topic = topic
         self.channel = channel
         self.handler = handler
+        self._handler_is_async = is_async_callable(handler)
         self.on_give_up = on_give_up
         self.nsqd_tcp_addresses = list(nsqd_tcp_addresses)
         self.lookupd_http_addresses = list(lookupd_http_addresses)
         if not self.nsqd_tcp_addresses and not self.lookupd_http_addresses:
             raise ValueError("give nsqd_tcp_addresses or lookupd_http_addresses")
-        reader_kw, conn_kw = _split_options(options)
-        self.config = ReaderConfig(**reader_kw)
-        self.conn_options = ConnectionOptions(**conn_kw)
+        own, self.conn_options = split_options(options, ReaderConfig, "Reader")
+        self.config = ReaderConfig(**own)
         if self.conn_options.heartbeat_interval <= 0:
             raise ValueError("nsqd refuses SUB without heartbeats: heartbeat_interval must be > 0")
+        if self.config.concurrency is not None and self.config.concurrency < 1:
+            raise ValueError("concurrency must be None (one task per message) or >= 1")
         self._open_stream = open_stream
         self.rng = rng or random.Random()
-        self.log = get_logger(reader=f"{topic}/{channel}")
+        self.log = get_logger(__name__, f"{topic}/{channel}")
         self.rdy = self._new_rdy(0.0)
         self.connections: dict[str, _ReaderConn] = {}
         self._received = 0
         self._finished = 0
         self._requeued = 0
-        self._nursery: trio.Nursery | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._started = False
         self._stopping = False
-        self._stop_requested = trio.Event()
-        self._stopped = trio.Event()
-        self._rdy_wakeup = trio.Event()
-        self._conns_changed = trio.Event()
-        self._lookupd_recheck = trio.Event()
+        # events and the thread limiter belong to the event loop run() runs on
+        self._stop_requested: anyio.Event | None = None
+        self._stopped: anyio.Event | None = None
+        self._rdy_wakeup: anyio.Event | None = None
+        self._conns_changed: anyio.Event | None = None
+        self._lookupd_recheck: anyio.Event | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._loop_thread: int | None = None
+        self._loop_token: Any = None
         # address -> cancel scope of its supervisor (whoever wants it)
-        self._targets: dict[str, trio.CancelScope] = {}
+        self._targets: dict[str, anyio.CancelScope] = {}
         self._static = set(self.nsqd_tcp_addresses)
-        self._queue: trio.MemorySendChannel[Message] | None = None
+        self._queue: anyio.abc.ObjectSendStream[Message] | None = None
 
     def _new_rdy(self, now: float) -> RdyController[str]:
         cfg = self.config
@@ -246,33 +271,57 @@ class Reader(NurseryService):
 
     def set_max_in_flight(self, max_in_flight: int) -> None:
         """Change the window at run time (0 pauses consumption)."""
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0")
         self.config.max_in_flight = max_in_flight
-        self._apply(self.rdy.set_max_in_flight(max_in_flight, self._now()))
+        if self._limiter is not None and self.config.concurrency is None:
+            self._limiter.total_tokens = max(1, max_in_flight)
+        if self._started:
+            self._apply(self.rdy.set_max_in_flight(max_in_flight, self._now()))
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until :meth:`stop` (or cancellation, which is abrupt)."""
         if self._started:
             raise RuntimeError("a Reader runs once")
         self._started = True
-        self.rdy = self._new_rdy(trio.current_time())
+        self._stop_requested = anyio.Event()
+        self._stopped = anyio.Event()
+        self._rdy_wakeup = anyio.Event()
+        self._conns_changed = anyio.Event()
+        self._lookupd_recheck = anyio.Event()
+        cfg = self.config
+        self._limiter = anyio.CapacityLimiter(cfg.concurrency or max(1, cfg.max_in_flight))
+        self._loop_thread = threading.get_ident()
+        self._loop_token = anyio.lowlevel.current_token()
+        if self._stopping:  # stop() came first
+            self._stopped.set()
+            task_status.started()
+            return
+        self.rdy = self._new_rdy(anyio.current_time())
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._rdy_loop)
-                if self.config.concurrency:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._rdy_loop)
+                if cfg.concurrency:
                     # unbounded is fine: RDY already bounds what can arrive
-                    send, receive = trio.open_memory_channel[Message](math.inf)
+                    send, receive = anyio.create_memory_object_stream[Message](math.inf)
                     self._queue = send
-                    for _ in range(self.config.concurrency):
-                        nursery.start_soon(self._worker, receive)
+                    for _ in range(cfg.concurrency):
+                        tg.start_soon(self._worker, receive)
                 for address in self.nsqd_tcp_addresses:
                     self._want(address)
                 if self.lookupd_http_addresses:
-                    nursery.start_soon(self._lookupd_loop)
+                    tg.start_soon(self._lookupd_loop)
                 task_status.started()
                 await self._stop_requested.wait()
                 await self._graceful_close()
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
+        except BaseException as group:
+            failure = background_failure(group, "Reader")
+            if failure is not None:
+                self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
+                raise failure from None
+            raise
         finally:
             self._stopping = True
             self._stopped.set()
@@ -280,30 +329,44 @@ class Reader(NurseryService):
     async def stop(self) -> None:
         """Graceful stop: CLS everywhere, let in-flight handlers finish (up
         to ``stop_timeout``), close.  Returns when the Reader has stopped."""
+        if not self._started or self._stop_requested is None or self._stopped is None:
+            self._stopping = True
+            return
         self._stop_requested.set()
-        if self._started:
-            await self._stopped.wait()
-
-    async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def wait_stopped(self) -> None:
+        """Wait until the Reader has stopped (after :meth:`stop`, or on its own)."""
+        if self._stopped is None:
+            raise NotRunningError("the Reader is not started")
+        await self._stopped.wait()
 
     async def wait_connected(self, count: int = 1) -> None:
         """Wait until at least ``count`` connections are subscribed."""
+        if self._conns_changed is None:
+            raise NotRunningError("the Reader is not started: use `async with Reader(...)` (or start reader.run in a task group)")
         while len(self.connections) < count:
-            await self._conns_event().wait()
+            await self._conns_changed.wait()
 
     # ------------------------------------------------------------ internals
 
     def _now(self) -> float:
-        return trio.current_time()
+        return anyio.current_time()
 
-    def _conns_event(self) -> trio.Event:
-        return self._conns_changed
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the Reader's event loop (at once if already there)."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+            return
+        try:
+            anyio.from_thread.run_sync(fn, *args, token=self._loop_token)
+        except RuntimeError as exc:  # the loop is gone: nsqd redelivers
+            self.log.warning("cannot answer for a message, the Reader is not running: %s", exc)
 
     def _notify_conns(self) -> None:
+        assert self._conns_changed is not None
         self._conns_changed.set()
-        self._conns_changed = trio.Event()
+        self._conns_changed = anyio.Event()
 
     def _apply(self, updates: list[RdyUpdate[str]], *, from_timer: bool = False) -> None:
         for key, count in updates:
@@ -311,15 +374,16 @@ class Reader(NurseryService):
             if rc is not None and not rc.conn.proto.closing:
                 rc.conn.proto.rdy(count)
                 rc.conn.wake()
-        if not from_timer:
+        if not from_timer and self._rdy_wakeup is not None:
             # an event may have moved a deadline (backoff pause, RDY retry)
             self._rdy_wakeup.set()
 
     async def _rdy_loop(self) -> None:
         while True:
-            with trio.move_on_at(self.rdy.next_deadline()):
+            assert self._rdy_wakeup is not None
+            with anyio.CancelScope(deadline=self.rdy.next_deadline()):
                 await self._rdy_wakeup.wait()
-            self._rdy_wakeup = trio.Event()
+            self._rdy_wakeup = anyio.Event()
             self._apply(self.rdy.advance(self._now()), from_timer=True)
 
     # -- targets: which nsqds we want a connection to
@@ -327,10 +391,10 @@ class Reader(NurseryService):
     def _want(self, address: str) -> None:
         if address in self._targets or self._stopping:
             return
-        assert self._nursery is not None
-        scope = trio.CancelScope()
+        assert self._task_group is not None
+        scope = anyio.CancelScope()
         self._targets[address] = scope
-        self._nursery.start_soon(self._supervise, address, scope)
+        self._task_group.start_soon(self._supervise, address, scope)
 
     def _unwant(self, address: str) -> None:
         scope = self._targets.pop(address, None)
@@ -340,10 +404,10 @@ class Reader(NurseryService):
         if rc is None:
             scope.cancel()  # connecting or waiting to reconnect
         else:
-            self.log.info("nsqd no longer has the topic, closing", address=address)
+            self.log.info("nsqd %s no longer has the topic, closing", address)
             self._start_close(rc)
 
-    async def _supervise(self, address: str, scope: trio.CancelScope) -> None:
+    async def _supervise(self, address: str, scope: anyio.CancelScope) -> None:
         delay = self.config.reconnect_interval
         with scope:
             while not self._stopping and self._targets.get(address) is scope:
@@ -352,11 +416,12 @@ class Reader(NurseryService):
                     return
                 if served:
                     delay = self.config.reconnect_interval
-                if self.lookupd_http_addresses:
+                if self.lookupd_http_addresses and self._lookupd_recheck is not None:
                     self._lookupd_recheck.set()
                 wait = delay * (0.5 + self.rng.random() / 2)
-                self.log.info("reconnecting", address=address, delay=round(wait, 3))
-                with trio.move_on_after(wait):
+                self.log.info("nsqd %s: reconnecting in %.3fs", address, wait)
+                assert self._stop_requested is not None
+                with anyio.move_on_after(wait):
                     await self._stop_requested.wait()
                 delay = min(delay * 2, self.config.max_reconnect_interval)
         if self._targets.get(address) is scope:
@@ -364,14 +429,15 @@ class Reader(NurseryService):
 
     async def _connect_and_serve(self, address: str) -> bool:
         """One connection's life; True if it got as far as subscribing."""
-        conn = Connection(address, self.conn_options, open_stream=self._open_stream, log=self.log.bind(nsqd=address))
+        log = self.log.child(f"nsqd {address}")
+        conn = Connection(address, self.conn_options, open_stream=self._open_stream, log=log)
         try:
             identify = await conn.connect()
             if identify.max_rdy_count < self.config.max_in_flight:
-                self.log.warning("max_rdy_count below max_in_flight, RDY will be capped", address=address, max_rdy_count=identify.max_rdy_count)
+                log.warning("max_rdy_count %d is below max_in_flight, RDY will be capped", identify.max_rdy_count)
             await conn.subscribe(self.topic, self.channel)
-        except _CONNECT_ERRORS as exc:
-            self.log.error("cannot connect", address=address, error=str(exc) or repr(exc))
+        except CONNECT_ERRORS as exc:
+            log.error("cannot connect: %s", describe(exc))
             return False
         if self._stopping:
             conn.abort()
@@ -379,7 +445,7 @@ class Reader(NurseryService):
             return True
         rc = _ReaderConn(self, conn, identify)
         self.connections[address] = rc
-        self.log.info("subscribed", address=address, max_rdy_count=identify.max_rdy_count)
+        log.info("subscribed (max_rdy_count %d)", identify.max_rdy_count)
         self._apply(self.rdy.add_connection(address, identify.max_rdy_count, self._now()))
         self._notify_conns()
         try:
@@ -390,7 +456,7 @@ class Reader(NurseryService):
                 del self.connections[address]
             self._apply(self.rdy.remove_connection(address, self._now()))
             if rc.in_flight:
-                self.log.warning("connection closed with messages in flight; nsqd will redeliver them", address=address, count=len(rc.in_flight))
+                log.warning("connection closed with %d messages in flight; nsqd will redeliver them", len(rc.in_flight))
             self._notify_conns()
         return True
 
@@ -417,18 +483,15 @@ class Reader(NurseryService):
                 if self._queue is not None:
                     self._queue.send_nowait(message)
                 else:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._handle, message, name=f"nsq handler {event.id!r}")
+                    assert self._task_group is not None
+                    self._task_group.start_soon(self._handle, message)
             elif isinstance(event, CloseWait):
-                self.log.info("CLOSE_WAIT from nsqd", address=conn.address)
+                rc.conn.log.info("CLOSE_WAIT from nsqd")
                 if not rc.in_flight:
                     conn.close()
             elif isinstance(event, ErrorReceived):
                 err = event.error
-                if err.fatal:
-                    self.log.error("nsqd error", address=conn.address, error=str(err))
-                else:
-                    self.log.warning("nsqd error", address=conn.address, error=str(err))
+                rc.conn.log.log(40 if err.fatal else 30, "nsqd error: %s", err)
 
     def _message_done(self, rc: _ReaderConn, message: Message, *, finished: bool, backoff: bool) -> None:
         if rc.in_flight.pop(message.id, None) is None:
@@ -443,28 +506,40 @@ class Reader(NurseryService):
         if rc.conn.proto.close_wait and not rc.in_flight:
             rc.conn.close()
 
-    async def _worker(self, receive: trio.MemoryReceiveChannel[Message]) -> None:
+    async def _worker(self, receive: anyio.abc.ObjectReceiveStream[Message]) -> None:
         async for message in receive:
             await self._handle(message)
 
+    async def _call(self, fn: Callable[[Message], Any], message: Message, is_async: bool) -> Any:
+        """A user callback: awaited, or run in a worker thread (never more
+        threads than the Reader's concurrency)."""
+        if is_async:
+            return await fn(message)
+        # abandon on cancel: a thread cannot be interrupted, and nsqd
+        # redelivers the message of a handler that never answered
+        result = await anyio.to_thread.run_sync(fn, message, limiter=self._limiter, abandon_on_cancel=True)
+        if inspect.isawaitable(result):  # lambda m: some_coroutine(m)
+            result = await result
+        return result
+
     async def _handle(self, message: Message) -> None:
         cfg = self.config
+        msg_id = message.id.decode(errors="replace")
         if cfg.max_attempts > 0 and message.attempts > cfg.max_attempts:
-            self.log.warning("giving up on message", msg_id=message.id.decode(errors="replace"), attempts=message.attempts)
+            self.log.warning("giving up on message %s after %d attempts", msg_id, message.attempts)
             if self.on_give_up is not None:
                 try:
-                    result = self.on_give_up(message)
-                    if inspect.isawaitable(result):
-                        await result
+                    await self._call(self.on_give_up, message, is_async_callable(self.on_give_up))
                 except Exception:
-                    self.log.exception("on_give_up hook failed")
+                    self.log.exception("on_give_up hook failed for message %s", msg_id)
             if not message.has_responded:
                 message.finish()
             return
         try:
-            result = await self.handler(message)
-        except Exception as exc:
-            self.log.error("handler failed, requeueing", msg_id=message.id.decode(errors="replace"), error=repr(exc))
+            result = await self._call(self.handler, message, self._handler_is_async)
+        except Exception:
+            # with the traceback: the failure is in the application's code
+            self.log.exception("handler failed for message %s (attempt %d), requeueing", msg_id, message.attempts)
             if message.auto_response and not message.has_responded:
                 message.requeue()
             return
@@ -477,16 +552,25 @@ class Reader(NurseryService):
     # -- lookupd
 
     async def _lookupd_loop(self) -> None:
+        """Ask at once, as go-nsq does; then every ``lookupd_poll_interval``,
+        the first of those polls delayed by a random share of
+        ``lookupd_poll_jitter`` so consumers restarted together spread out.
+        While lookupd knows no nsqd for the topic, ask again sooner."""
         cfg = self.config
         discovery = Discovery(self.lookupd_http_addresses)
-        await self._query_lookupds(discovery)
-        # spread the polls of consumers restarted together
-        with trio.move_on_after(self.rng.random() * cfg.lookupd_poll_jitter * cfg.lookupd_poll_interval):
-            await self._lookupd_recheck.wait()
+        empty_retry = FIRST_EMPTY_POLL_RETRY
+        jitter: float | None = self.rng.random() * cfg.lookupd_poll_jitter * cfg.lookupd_poll_interval
         while True:
-            self._lookupd_recheck = trio.Event()
+            self._lookupd_recheck = anyio.Event()
             await self._query_lookupds(discovery)
-            with trio.move_on_after(cfg.lookupd_poll_interval):
+            if not discovery.producers():
+                wait = min(empty_retry, cfg.lookupd_poll_interval)
+                empty_retry *= 2
+            else:
+                empty_retry = FIRST_EMPTY_POLL_RETRY
+                wait = cfg.lookupd_poll_interval + (jitter or 0.0)
+                jitter = None
+            with anyio.move_on_after(wait):
                 await self._lookupd_recheck.wait()
 
     async def _query_lookupds(self, discovery: Discovery) -> None:
@@ -494,19 +578,19 @@ class Reader(NurseryService):
             try:
                 producers = await query_lookupd(address, self.topic, self.config.lookupd_poll_timeout)
             except QueryErrors as exc:
-                self.log.error("lookupd query failed", lookupd=address, error=str(exc))
+                self.log.error("lookupd %s query failed: %s", address, exc)
                 discovery.failed(address)
                 return
             discovery.answered(address, producer_tcp_addresses(producers))
 
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as tg:
             for address in discovery.lookupds:
-                nursery.start_soon(one, address)
+                tg.start_soon(one, address)
         if self._stopping:
             return
         wanted = discovery.producers() | self._static
         for address in sorted(wanted - set(self._targets)):
-            self.log.info("discovered nsqd", address=address)
+            self.log.info("discovered nsqd %s", address)
             self._want(address)
         for address in sorted(set(self._targets) - wanted):
             self._unwant(address)
@@ -521,19 +605,20 @@ class Reader(NurseryService):
                 scope.cancel()  # still dialling or waiting to redial
         for rc in list(self.connections.values()):
             self._start_close(rc)
-        self.log.info("stopping: CLS sent", connections=len(self.connections))
-        with trio.move_on_after(self.config.stop_timeout):
+        self.log.info("stopping: CLS sent to %d nsqd(s)", len(self.connections))
+        assert self._conns_changed is not None
+        with anyio.move_on_after(self.config.stop_timeout):
             while self.connections:
-                await self._conns_event().wait()
+                await self._conns_changed.wait()
             return
         # handlers are stuck: hand their messages back to nsqd now rather
         # than at their timeout, then close
         for rc in list(self.connections.values()):
             for msg_id in list(rc.in_flight):
                 rc.conn.proto.req(msg_id, 0)
-            self.log.warning("stop timeout: requeued in-flight messages", address=rc.address, count=len(rc.in_flight))
+            rc.conn.log.warning("stop timeout: requeued %d in-flight messages", len(rc.in_flight))
             rc.in_flight.clear()
             rc.conn.close()
-        with trio.move_on_after(2.0):
+        with anyio.move_on_after(2.0):
             while self.connections:
-                await self._conns_event().wait()
+                await self._conns_changed.wait()

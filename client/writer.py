@@ -5,15 +5,16 @@
         await writer.mpub("topic", [b"a", b"b"])
         await writer.dpub("topic", 5.0, b"later")    # delivered in 5 s
 
-Every address gets a supervisor task that keeps a connection up (redialling
-with exponential backoff).  A publish goes to the next healthy connection
-(round robin); nsqd answers each connection's commands in order, so answers
-are matched FIFO and any number of concurrent publishers share a connection
-(pipelined, written in one batch).  When a connection dies with publishes
-unanswered, or nsqd answers ``E_PUB_FAILED`` (it is exiting), the publish is
-retried on another connection until ``publish_timeout``: NSQ delivers at
-least once, so a retry after a lost answer may duplicate, never lose.
-Errors that would fail anywhere (bad topic, message too big) raise at once.
+Runs on trio and on asyncio (anyio).  Every address gets a supervisor task
+that keeps a connection up (redialling with exponential backoff).  A publish
+goes to the next healthy connection (round robin); nsqd answers each
+connection's commands in order, so answers are matched FIFO and any number
+of concurrent publishers share a connection (pipelined, written in one
+batch).  When a connection dies with publishes unanswered, or nsqd answers
+``E_PUB_FAILED`` (it is exiting), the publish is retried on another
+connection until ``publish_timeout``: NSQ delivers at least once, so a retry
+after a lost answer may duplicate, never lose.  Errors that would fail
+anywhere (bad topic, message too big) raise at once.
 """
 
 from __future__ import annotations
@@ -23,33 +24,29 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import anyio
+import anyio.abc
 import attrs
-import trio
 
-from pynsqd.log import get_logger
 from pynsqd.protocol import is_valid_topic_name
 
 from .conn import (
+    CONNECT_ERRORS,
     Connection,
-    ConnectionClosed,
-    ConnectionOptions,
     ConnProtocol,
     ErrorReceived,
     Event,
-    HandshakeError,
-    NSQError,
     OpenStream,
     Response,
     open_tcp,
+    split_options,
 )
-from .service import NurseryService
+from .errors import ConnectionClosed, NotRunningError, NSQError, PublishError, describe
+from .log import get_logger
+from .service import NurseryService, background_failure
 
 # answers that mean "this nsqd cannot take it now", not "this message is bad"
 RETRYABLE_CODES = frozenset({"E_PUB_FAILED", "E_MPUB_FAILED", "E_DPUB_FAILED"})
-
-
-class PublishError(Exception):
-    """No nsqd accepted the publish within ``publish_timeout``."""
 
 
 @attrs.define(kw_only=True)
@@ -59,11 +56,38 @@ class WriterConfig:
     max_reconnect_interval: float = 30.0
 
 
+def check_topic(topic: str) -> None:
+    """Refuse a bad name before sending, with nsqd's own error."""
+    if not is_valid_topic_name(topic):
+        raise NSQError("E_BAD_TOPIC", f"invalid topic name {topic!r}")
+
+
+def check_bodies(bodies: Sequence[bytes]) -> list[bytes]:
+    out = list(bodies)
+    if not out:
+        raise ValueError("mpub needs at least one message")
+    return out
+
+
+def publish_error(timeout: float, last: BaseException | None, connect_errors: dict[str, BaseException]) -> PublishError:
+    """Why nothing was accepted: the last answer or lost connection, else why
+    no nsqd could be reached."""
+    if last is not None:
+        reason = describe(last)
+    elif connect_errors:
+        reason = "; ".join(f"cannot connect to {a}: {describe(e)}" for a, e in sorted(connect_errors.items()))
+    else:
+        reason = "no connection to any nsqd yet"
+    error = PublishError(f"no nsqd accepted the publish within {timeout}s: {reason}")
+    error.__cause__ = last if last is not None else next(iter(connect_errors.values()), None)
+    return error
+
+
 class _Pending:
     __slots__ = ("done", "error")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = anyio.Event()
         self.error: BaseException | None = None
 
     def resolve(self, error: BaseException | None) -> None:
@@ -98,9 +122,9 @@ class _WriterConn:
 class Writer(NurseryService):
     """Publish to ``nsqd_tcp_addresses`` (``host:port``), failing over.
 
-    Keywords are :class:`WriterConfig` or :class:`~client.conn.ConnectionOptions`
-    fields.  Use ``async with Writer(...)`` or ``await writer.run()`` in a
-    nursery; publishing waits for a connection if none is up yet.
+    Keywords are :class:`WriterConfig` or :class:`ConnectionOptions` fields.
+    Use ``async with Writer(...) as writer:`` (or run :meth:`run` in a task
+    group of yours); publishing waits for a connection if none is up yet.
     """
 
     def __init__(
@@ -116,51 +140,57 @@ class Writer(NurseryService):
         self.addresses = list(nsqd_tcp_addresses)
         if not self.addresses:
             raise ValueError("give at least one nsqd address")
-        writer_names = {a.name for a in attrs.fields(WriterConfig)}
-        conn_names = {a.name for a in attrs.fields(ConnectionOptions)}
-        unknown = set(options) - writer_names - conn_names
-        if unknown:
-            raise TypeError(f"unknown Writer options {sorted(unknown)}")
-        self.config = WriterConfig(**{k: v for k, v in options.items() if k in writer_names})
-        self.conn_options = ConnectionOptions(**{k: v for k, v in options.items() if k in conn_names})
+        own, self.conn_options = split_options(options, WriterConfig, "Writer")
+        self.config = WriterConfig(**own)
         self._open_stream = open_stream
         self.rng = rng or random.Random()
-        self.log = get_logger(writer=",".join(self.addresses))
+        self.log = get_logger(__name__, "writer")
         self.connections: dict[str, _WriterConn] = {}
+        self.connect_errors: dict[str, BaseException] = {}
         self._rr = 0
-        self._ready_changed = trio.Event()
-        self._started = False
-        self._closing = False
-        self._cancel: trio.CancelScope | None = None
+        self._ready_changed: anyio.Event | None = None
+        self._state = "new"  # running, stopping, stopped
+        self._cancel: anyio.CancelScope | None = None
         self.published = 0
         self.failovers = 0
 
     # ------------------------------------------------------------ lifetime
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep connections up until :meth:`stop` (or cancellation)."""
-        if self._started:
+        if self._state != "new":
             raise RuntimeError("a Writer runs once")
-        self._started = True
-        with trio.CancelScope() as cancel:
-            self._cancel = cancel
-            async with trio.open_nursery() as nursery:
-                for address in self.addresses:
-                    nursery.start_soon(self._supervise, address)
-                task_status.started()
-        for wc in self.connections.values():
-            wc.fail_all(ConnectionClosed("writer stopped"))
+        self._state = "running"
+        self._ready_changed = anyio.Event()
+        try:
+            with anyio.CancelScope() as cancel:
+                self._cancel = cancel
+                async with anyio.create_task_group() as tg:
+                    for address in self.addresses:
+                        tg.start_soon(self._supervise, address)
+                    task_status.started()
+        except BaseException as group:
+            failure = background_failure(group, "Writer")
+            if failure is not None:
+                self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
+                raise failure from None
+            raise
+        finally:
+            self._state = "stopped"
+            for wc in self.connections.values():
+                wc.fail_all(ConnectionClosed("writer stopped"))
+            self._ready_changed.set()  # publishes waiting for a connection: stop waiting
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout``) for unanswered publishes, then close."""
-        self._closing = True
-        with trio.move_on_after(timeout):
+        if self._state == "running":
+            self._state = "stopping"
+        with anyio.move_on_after(timeout):
             for wc in list(self.connections.values()):
                 while wc.pending:
                     await wc.pending[-1].done.wait()
         if self._cancel is not None:
             self._cancel.cancel()
-
 
     @property
     def connected(self) -> list[str]:
@@ -168,32 +198,40 @@ class Writer(NurseryService):
         return [wc.conn.address for wc in self._usable()]
 
     async def wait_connected(self, count: int = 1) -> None:
+        """Wait until ``count`` nsqds are connected."""
+        self._check_running()
         while len(self._usable()) < count:
+            assert self._ready_changed is not None
             await self._ready_changed.wait()
 
     # ------------------------------------------------------------ publishing
 
     async def pub(self, topic: str, body: bytes) -> None:
-        _check(topic)
+        """Publish one message; returns once nsqd has it."""
+        check_topic(topic)
         await self._publish(lambda proto: proto.pub(topic, body))
 
     async def mpub(self, topic: str, bodies: Sequence[bytes]) -> None:
-        _check(topic)
-        bodies = list(bodies)
-        if not bodies:
-            raise ValueError("mpub needs at least one message")
-        await self._publish(lambda proto: proto.mpub(topic, bodies))
+        """Publish several messages at once (atomically, on one nsqd)."""
+        check_topic(topic)
+        batch = check_bodies(bodies)
+        await self._publish(lambda proto: proto.mpub(topic, batch))
 
     async def dpub(self, topic: str, delay: float, body: bytes) -> None:
         """Publish ``body``, delivered after ``delay`` seconds."""
-        _check(topic)
+        check_topic(topic)
         await self._publish(lambda proto: proto.dpub(topic, delay, body))
 
+    def _check_running(self) -> None:
+        if self._state == "new":
+            raise NotRunningError("the Writer is not started: use `async with Writer(...) as writer:` (or start writer.run in a task group)")
+        if self._state != "running":
+            raise NotRunningError(f"the Writer is {self._state}")
+
     async def _publish(self, queue: Callable[[ConnProtocol], None]) -> None:
-        if self._closing:
-            raise PublishError("writer is stopping")
+        self._check_running()
         last: BaseException | None = None
-        with trio.move_on_after(self.config.publish_timeout):
+        with anyio.move_on_after(self.config.publish_timeout):
             while True:
                 wc = await self._pick()
                 pending = _Pending()
@@ -209,8 +247,8 @@ class Writer(NurseryService):
                     raise error
                 last = error
                 self.failovers += 1
-                self.log.warning("publish failed, trying another nsqd", nsqd=wc.conn.address, error=str(error))
-        raise PublishError(f"no nsqd accepted the publish within {self.config.publish_timeout}s (last error: {last!r})")
+                self.log.warning("publish to nsqd %s failed, trying another: %s", wc.conn.address, error)
+        raise publish_error(self.config.publish_timeout, last, self.connect_errors)
 
     def _usable(self) -> list[_WriterConn]:
         return [wc for wc in self.connections.values() if wc.usable and not wc.conn.closed]
@@ -221,27 +259,34 @@ class Writer(NurseryService):
             if usable:
                 self._rr = (self._rr + 1) % len(usable)
                 return usable[self._rr]
+            if self._state != "running":
+                raise NotRunningError(f"the Writer is {self._state}")
+            assert self._ready_changed is not None
             await self._ready_changed.wait()
 
     def _notify(self) -> None:
+        assert self._ready_changed is not None
         self._ready_changed.set()
-        self._ready_changed = trio.Event()
+        self._ready_changed = anyio.Event()
 
     # ------------------------------------------------------------ connections
 
     async def _supervise(self, address: str) -> None:
         delay = self.config.reconnect_interval
+        log = self.log.child(f"nsqd {address}")
         while True:
-            conn = Connection(address, self.conn_options, open_stream=self._open_stream, log=self.log.bind(nsqd=address))
+            conn = Connection(address, self.conn_options, open_stream=self._open_stream, log=log)
             try:
                 await conn.connect()
-            except (OSError, trio.TooSlowError, HandshakeError, NSQError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                self.log.warning("cannot connect", nsqd=address, error=str(exc) or repr(exc))
+            except CONNECT_ERRORS as exc:
+                self.connect_errors[address] = exc
+                log.warning("cannot connect: %s", describe(exc))
             else:
                 delay = self.config.reconnect_interval
+                self.connect_errors.pop(address, None)
                 wc = _WriterConn(conn)
                 self.connections[address] = wc
-                self.log.info("connected", nsqd=address)
+                log.info("connected")
                 self._notify()
                 try:
                     await conn.serve(wc.on_events)
@@ -250,10 +295,5 @@ class Writer(NurseryService):
                     if self.connections.get(address) is wc:
                         del self.connections[address]
                     self._notify()
-            await trio.sleep(delay * (0.5 + self.rng.random() / 2))
+            await anyio.sleep(delay * (0.5 + self.rng.random() / 2))
             delay = min(delay * 2, self.config.max_reconnect_interval)
-
-
-def _check(topic: str) -> None:
-    if not is_valid_topic_name(topic):
-        raise NSQError("E_BAD_TOPIC", f"invalid topic name {topic!r}")

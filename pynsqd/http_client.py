@@ -1,6 +1,6 @@
-"""A small async HTTP/1.1 client on h11 + trio, for the daemons' outgoing
-requests (nsqd asking nsqlookupd for channels, the auth server, the client
-library's lookupd polling).
+"""A small async HTTP/1.1 client on h11 + anyio, for the daemons' outgoing
+requests (nsqd asking nsqlookupd for channels, the auth server) and the
+client library's lookupd polling, so it runs on trio and on asyncio.
 
 One request per connection (``Connection: close``), no pool: these requests
 are rare and go to many different hosts.  Timeouts are cancel scopes:
@@ -19,8 +19,10 @@ import ssl
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+import anyio
+import anyio.abc
 import h11
-import trio
+from anyio.streams.tls import TLSStream
 
 from . import __version__
 
@@ -68,18 +70,16 @@ def _split_url(url: str) -> tuple[str, str, int, str, str]:
     return scheme, host, port, parts.netloc.rsplit("@", 1)[-1], target
 
 
-async def _connect(scheme: str, host: str, port: int, connect_timeout: float, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
-    with trio.move_on_after(connect_timeout) as scope:
-        tcp = await trio.open_tcp_stream(host, port)
+async def _connect(scheme: str, host: str, port: int, connect_timeout: float, ssl_context: ssl.SSLContext | None) -> anyio.abc.ByteStream:
+    with anyio.move_on_after(connect_timeout) as scope:
+        tcp = await anyio.connect_tcp(host, port)
         if scheme != "https":
             return tcp
-        stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(), server_hostname=host, https_compatible=True)
         try:
-            await stream.do_handshake()
+            return await TLSStream.wrap(tcp, hostname=host, ssl_context=ssl_context or ssl.create_default_context(), standard_compatible=False)
         except BaseException:
-            await trio.aclose_forcefully(tcp)
+            await anyio.aclose_forcefully(tcp)
             raise
-        return stream
     assert scope.cancelled_caught
     raise HTTPTimeout(f"connect to {host}:{port} timed out after {connect_timeout}s")
 
@@ -107,33 +107,34 @@ async def http_request(
         req_headers.append(("Content-Length", str(len(body))))
     req_headers.append(("Connection", "close"))
 
-    with trio.move_on_after(timeout) as scope:
+    with anyio.move_on_after(timeout) as scope:
         try:
             stream = await _connect(scheme, host, port, min(connect_timeout, timeout), ssl_context)
-        except (OSError, trio.BrokenResourceError) as exc:
-            raise HTTPClientError(f"connect to {host}:{port} failed - {exc}") from exc
+        except (OSError, anyio.BrokenResourceError) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # anyio: "All connection attempts failed"
+            raise HTTPClientError(f"connect to {host}:{port} failed - {cause}") from exc
         try:
             return await _exchange(stream, method, target, req_headers, body, max_body)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise HTTPClientError(f"{method} {url} failed - {exc!r}") from exc
         except h11.ProtocolError as exc:
             raise HTTPClientError(f"{method} {url}: bad HTTP response - {exc}") from exc
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await stream.aclose()
     assert scope.cancelled_caught
     raise HTTPTimeout(f"{method} {url} timed out after {timeout}s")
 
 
 async def _exchange(
-    stream: trio.abc.Stream, method: str, target: str, headers: list[tuple[str, str]], body: bytes, max_body: int
+    stream: anyio.abc.ByteStream, method: str, target: str, headers: list[tuple[str, str]], body: bytes, max_body: int
 ) -> HTTPResponse:
     conn = h11.Connection(h11.CLIENT)
     out = conn.send(h11.Request(method=method.upper(), target=target, headers=headers))
     if body:
         out += conn.send(h11.Data(data=body))
     out += conn.send(h11.EndOfMessage())
-    await stream.send_all(out)
+    await stream.send(out)
 
     response: h11.Response | None = None
     chunks: list[bytes] = []
@@ -141,7 +142,11 @@ async def _exchange(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+            try:
+                data = await stream.receive(RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                data = b""
+            conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
             continue

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from collections import deque
 
+import anyio
+import anyio.abc
 import pytest
 import trio
 import trio.testing
@@ -23,6 +25,35 @@ from pynsqd.protocol import (
     encode_message_frame,
     encode_response,
 )
+
+
+class AnyioStream(anyio.abc.ByteStream):
+    """A trio memory stream as the anyio byte stream the client expects
+    (these fakes run on trio's MockClock, so on trio only)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise anyio.BrokenResourceError from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self.inner.send_all(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        await self.inner.aclose()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class Cluster:
@@ -46,7 +77,7 @@ class Cluster:
     def rdy_changed(self) -> None:
         self.max_total_rdy = max(self.max_total_rdy, self.total_rdy())
 
-    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+    async def open_stream(self, host: str, port: int) -> anyio.abc.ByteStream:
         address = f"{host}:{port}"
         self.dials[address] = self.dials.get(address, 0) + 1
         if address in self.refuse or address not in self.servers:
@@ -54,7 +85,7 @@ class Cluster:
         client, server = trio.testing.memory_stream_pair()
         assert self.nursery is not None
         self.nursery.start_soon(self.servers[address].serve, server)
-        return client
+        return AnyioStream(client)
 
 
 class FakeConn:

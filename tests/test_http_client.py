@@ -111,11 +111,11 @@ async def test_request_timeout() -> None:
 
 
 async def test_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def never(host: str, port: int, **kw: Any) -> trio.SocketStream:
+    async def never(host: str, port: int, **kw: Any) -> Any:
         await trio.sleep_forever()
         raise AssertionError
 
-    monkeypatch.setattr(http_client.trio, "open_tcp_stream", never)
+    monkeypatch.setattr(http_client.anyio, "connect_tcp", never)
     start = trio.current_time()
     with pytest.raises(HTTPTimeout, match="connect"):
         await http_get("http://127.0.0.1:9/x", connect_timeout=0.2, timeout=5)

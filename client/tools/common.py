@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,12 @@ def version_line(app: str) -> str:
 
 def configure_logging(app: str, level: str) -> None:
     logging_setup.configure(app=app, prefix=f"[{app}] ", level=level)
+    # the client library logs through the standard library, as a library should
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[{app}] %(asctime)s %(levelname)s: %(message)s", "%Y/%m/%d %H:%M:%S"))
+    client_log = logging.getLogger("pynsqd.client")
+    client_log.addHandler(handler)
+    client_log.setLevel(logging_setup.LEVELS[level])
 
 
 def parse_opts(items: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
