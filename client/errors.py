@@ -8,6 +8,8 @@ themselves, pass).
 
 from __future__ import annotations
 
+import os
+
 NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 
 
@@ -64,8 +66,13 @@ class BackgroundTaskError(ClientError):
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a log or an error message, with the cause that generic
-    wrappers (anyio's "All connection attempts failed") hide."""
+    """One line for a log or an error message: the cause that generic
+    wrappers (anyio's "All connection attempts failed") hide, and the same
+    words for a system error on every backend ("[Errno 111] Connection refused")."""
+    if isinstance(exc, OSError) and not exc.errno and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.errno:
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
     text = str(exc) or type(exc).__name__
     cause = exc.__cause__
     if cause is not None and str(cause) and str(cause) not in text:

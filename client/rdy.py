@@ -33,9 +33,9 @@ from .backoff import Backoff, Outcome, Signal
 K = TypeVar("K", bound=Hashable)
 
 
-class RdyUpdate(NamedTuple, Generic[K]):  # type: ignore[misc]
+class RdyUpdate(NamedTuple, Generic[K]):
     key: K
-    count: int
+    rdy: int  # the window to send (not "count": that is tuple.count)
 
 
 @attrs.define

@@ -34,6 +34,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
@@ -235,7 +236,7 @@ class Reader(NurseryService):
         # address -> cancel scope of its supervisor (whoever wants it)
         self._targets: dict[str, anyio.CancelScope] = {}
         self._static = set(self.nsqd_tcp_addresses)
-        self._queue: anyio.abc.ObjectSendStream[Message] | None = None
+        self._queue: MemoryObjectSendStream[Message] | None = None
 
     def _new_rdy(self, now: float) -> RdyController[str]:
         cfg = self.config
@@ -320,7 +321,7 @@ class Reader(NurseryService):
             failure = background_failure(group, "Reader")
             if failure is not None:
                 self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
-                raise failure from None
+                raise failure
             raise
         finally:
             self._stopping = True
@@ -506,7 +507,7 @@ class Reader(NurseryService):
         if rc.conn.proto.close_wait and not rc.in_flight:
             rc.conn.close()
 
-    async def _worker(self, receive: anyio.abc.ObjectReceiveStream[Message]) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[Message]) -> None:
         async for message in receive:
             await self._handle(message)
 

@@ -173,7 +173,7 @@ class Writer(NurseryService):
             failure = background_failure(group, "Writer")
             if failure is not None:
                 self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
-                raise failure from None
+                raise failure
             raise
         finally:
             self._state = "stopped"

@@ -4,6 +4,8 @@ deadlines instead of sleeps."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import re
@@ -18,6 +20,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+import anyio
+import pytest
 
 from pynsqd.protocol import (
     FRAME_TYPE_MESSAGE,
@@ -42,6 +47,39 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+BACKENDS = ("trio", "asyncio")
+
+
+def on_both_backends(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an async test once on trio and once on asyncio (``anyio.run``):
+    the same test, parametrized ``[trio]``/``[asyncio]``.  The wrapper is a
+    plain function, so pytest-trio's trio_mode leaves it alone; fixtures
+    are passed through by name."""
+    signature = inspect.signature(test)
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    @functools.wraps(test)
+    def run(backend: str, **fixtures: Any) -> None:
+        anyio.run(functools.partial(test, **fixtures), backend=backend)
+
+    backend_param = inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    run.__signature__ = signature.replace(parameters=[backend_param, *signature.parameters.values()])  # type: ignore[attr-defined]
+    return run
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.03, message: str = "condition") -> Any:
+    """Poll ``predicate`` without blocking the event loop (trio or asyncio)
+    the client runs on, until it returns something truthy, or fail."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await anyio.sleep(interval)
 
 
 class Daemon:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import pytest
-import trio
 
 from pynsqd.client import Message, Reader, Writer
-from helpers import Certs, RawClient, identify_and_upgrade, start_nsqd, wait_for
+from helpers import Certs, RawClient, identify_and_upgrade, on_both_backends, start_nsqd, wait_for
 from pynsqd.auth import AuthError, parse_auth_response
 from pynsqd.protocol import FRAME_TYPE_ERROR, FRAME_TYPE_RESPONSE, encode_command
 
@@ -380,12 +380,13 @@ def test_pynsq_with_auth_secret(auth_nsqd, unique):
     assert sorted(e["body"] for e in events if e["event"] == "message") == sorted(f"msg-{i}" for i in range(20))
 
 
+@on_both_backends
 async def test_our_client_with_auth_secret(auth_nsqd, unique):
     topic = f"orders.{unique}"
     async with Writer([auth_nsqd.tcp_address], auth_secret="alice-secret") as writer:
         await writer.mpub(topic, [b"a", b"b", b"c"])
     got: list[bytes] = []
-    done = trio.Event()
+    done = anyio.Event()
 
     async def handler(message: Message) -> None:
         got.append(message.body)
@@ -393,7 +394,7 @@ async def test_our_client_with_auth_secret(auth_nsqd, unique):
             done.set()
 
     async with Reader(topic, "audit", handler, nsqd_tcp_addresses=[auth_nsqd.tcp_address], auth_secret="bob-secret"):
-        with trio.fail_after(20):
+        with anyio.fail_after(20):
             await done.wait()
     assert sorted(got) == [b"a", b"b", b"c"]
     # bob may not publish: nsqd refuses, and says why

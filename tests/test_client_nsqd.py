@@ -1,33 +1,24 @@
-"""The trio Reader and Writer against real pynsqd (and pynsqlookupd)
-subprocesses over loopback, and against the official pynsq client."""
+"""The Reader and Writer against real pynsqd (and pynsqlookupd) subprocesses
+over loopback, and against the official pynsq client -- every test on trio
+and on asyncio."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
-import trio
 
-from pynsqd.client import Message, Reader, Writer
-from helpers import Daemon, http_request, start_nsqd
+from pynsqd.client import Message, NSQError, Reader, Writer
+from helpers import Daemon, eventually, http_request, on_both_backends, start_nsqd
 
 DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
-
-
-async def eventually(predicate, timeout: float = 20.0, interval: float = 0.03, message: str = "condition"):  # noqa: ANN001, ANN201
-    """Poll without blocking the trio loop our client runs on."""
-    deadline = trio.current_time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await trio.sleep(interval)
 
 
 def channel_stats(daemon: Daemon, topic: str, channel: str) -> dict | None:
@@ -47,6 +38,7 @@ def publish(daemon: Daemon, topic: str, bodies: list[bytes]) -> None:
 # ---------------------------------------------------------------- single nsqd
 
 
+@on_both_backends
 async def test_reader_backoff_is_visible_in_ready_count_then_recovers(nsqd, unique):
     failures = {"left": 2}
 
@@ -64,14 +56,14 @@ async def test_reader_backoff_is_visible_in_ready_count_then_recovers(nsqd, uniq
     async def sample() -> None:
         while True:
             samples.extend(ready_counts())
-            await trio.sleep(0.02)
+            await anyio.sleep(0.02)
 
     async with Reader(
         unique, "bk", handler, nsqd_tcp_addresses=[nsqd.tcp_address], max_in_flight=4,
         default_requeue_delay=0, backoff_multiplier=0.5,
     ) as reader:
         await eventually(lambda: ready_counts() == [4], message="RDY 4")
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(sample)
             publish(nsqd, unique, [f"m{i}".encode() for i in range(12)])
             # a failure: RDY 0 for 2**1 * 0.5 = 1 s, then RDY 1, then back to 4
@@ -84,6 +76,7 @@ async def test_reader_backoff_is_visible_in_ready_count_then_recovers(nsqd, uniq
     assert c["depth"] == 0 and c["in_flight_count"] == 0 and c["requeue_count"] == 2
 
 
+@on_both_backends
 async def test_max_attempts_calls_the_give_up_hook_once_then_fins(nsqd, unique):
     publish(nsqd, unique, [b"poison", b"fine"])
     gave_up: list[bytes] = []
@@ -106,16 +99,17 @@ async def test_max_attempts_calls_the_give_up_hook_once_then_fins(nsqd, unique):
     assert c["depth"] == 0 and c["in_flight_count"] == 0 and c["requeue_count"] == 3
 
 
+@on_both_backends
 async def test_graceful_stop_leaves_nothing_in_flight(nsqd, unique):
     publish(nsqd, unique, [f"s{i}".encode() for i in range(20)])
-    started = trio.Event()
+    started = anyio.Event()
 
     async def handler(message: Message) -> None:
         started.set()
-        await trio.sleep(0.3)
+        await anyio.sleep(0.3)
 
     reader = Reader(unique, "gs", handler, nsqd_tcp_addresses=[nsqd.tcp_address], max_in_flight=5)
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         await nursery.start(reader.run)
         await started.wait()
         await eventually(lambda: (channel_stats(nsqd, unique, "gs") or {}).get("in_flight_count") == 5, message="5 in flight")
@@ -129,16 +123,15 @@ async def test_graceful_stop_leaves_nothing_in_flight(nsqd, unique):
     assert finished >= 5 and c["depth"] == 20 - finished
 
 
+@on_both_backends
 async def test_writer_pub_mpub_dpub_and_errors(nsqd, unique):
     async with Writer([nsqd.tcp_address]) as writer:
         await writer.pub(unique, b"one")
         await writer.mpub(unique, [b"two", b"three"])
         await writer.dpub(unique, 0.2, b"later")
-        async with trio.open_nursery() as nursery:  # pipelined on one connection
+        async with anyio.create_task_group() as nursery:  # pipelined on one connection
             for i in range(50):
                 nursery.start_soon(writer.pub, unique, f"c{i}".encode())
-        from pynsqd.client import NSQError
-
         with pytest.raises(NSQError) as info:
             await writer.pub(unique, b"x" * (2 * 1024 * 1024))
         assert info.value.code == "E_BAD_MESSAGE"
@@ -185,6 +178,7 @@ def registered(cluster, unique):
     return lookupd, nsqds
 
 
+@on_both_backends
 async def test_three_nsqds_via_lookupd_max_in_flight_one_consumes_everything(registered, unique):
     lookupd, nsqds = registered
     for i, d in enumerate(nsqds):
@@ -195,7 +189,7 @@ async def test_three_nsqds_via_lookupd_max_in_flight_one_consumes_everything(reg
     async def handler(message: Message) -> None:
         concurrent["now"] += 1
         concurrent["max"] = max(concurrent["max"], concurrent["now"])
-        await trio.sleep(0)
+        await anyio.sleep(0)
         concurrent["now"] -= 1
         seen.append(message.body)
 
@@ -216,6 +210,7 @@ async def test_three_nsqds_via_lookupd_max_in_flight_one_consumes_everything(reg
         assert c["depth"] == 0 and c["in_flight_count"] == 0
 
 
+@on_both_backends
 async def test_reader_finds_an_nsqd_that_appears_later(registered, unique, tmp_path):
     lookupd, nsqds = registered
     got: list[bytes] = []
@@ -238,9 +233,37 @@ async def test_reader_finds_an_nsqd_that_appears_later(registered, unique, tmp_p
         await eventually(lambda: len(reader.connections) == 3, timeout=15, message="the stopped nsqd dropped")
 
 
+@on_both_backends
+async def test_a_reader_started_before_its_topic_exists_gets_the_first_message_within_seconds(cluster, unique, monkeypatch):
+    from pynsqd.client import reader as reader_module
+
+    lookupd, nsqds = cluster
+    answered: list[str] = []
+    real_query = reader_module.query_lookupd
+
+    async def counting_query(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        producers = await real_query(*args, **kwargs)
+        answered.append(args[0])
+        return producers
+
+    monkeypatch.setattr(reader_module, "query_lookupd", counting_query)
+    got: list[bytes] = []
+
+    async def handler(message: Message) -> None:
+        got.append(message.body)
+
+    # default poll interval (60 s) and jitter (0.3); this seed draws a long jitter (~17 s)
+    async with Reader(unique, "fresh", handler, lookupd_http_addresses=[f"127.0.0.1:{lookupd.http_port}"], rng=random.Random(2)):
+        await eventually(lambda: answered, message="lookupd asked (the topic does not exist yet)")
+        publish(nsqds[0], unique, [b"first"])
+        await eventually(lambda: got, timeout=8, message="the first message")
+    assert got == [b"first"]
+
+
 # ---------------------------------------------------------------- writer failover
 
 
+@on_both_backends
 async def test_writer_keeps_publishing_while_an_nsqd_is_killed_and_restarted(tmp_path):
     # mem-queue-size 0: every acknowledged message is on disk, so even the
     # SIGKILLed nsqd keeps what it acknowledged and we can count everything
@@ -266,7 +289,7 @@ async def test_writer_keeps_publishing_while_an_nsqd_is_killed_and_restarted(tmp
                         published.append(body)
                     except Exception as exc:  # noqa: BLE001 - counted, must stay empty
                         errors.append(exc)
-                    await trio.sleep(0.005)
+                    await anyio.sleep(0.005)
 
             async def chaos() -> None:
                 nonlocal a
@@ -278,7 +301,7 @@ async def test_writer_keeps_publishing_while_an_nsqd_is_killed_and_restarted(tmp
                 a = start_nsqd(str(a_dir), "--mem-queue-size=0", f"--tcp-address={a_tcp}", f"--http-address={a_http}")
                 await eventually(lambda: len(writer.connected) == 2, timeout=15, message="writer reconnected")
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for k in range(4):
                     nursery.start_soon(publisher, k)
                 nursery.start_soon(chaos)
@@ -311,6 +334,7 @@ def run_driver(*args: str, timeout: float = 60.0) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@on_both_backends
 async def test_our_writer_to_a_pynsq_reader(nsqd, unique):
     nsqd.http("POST", f"/topic/create?topic={unique}")
     assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=py")[0] == 200
@@ -318,15 +342,16 @@ async def test_our_writer_to_a_pynsq_reader(nsqd, unique):
         for i in range(20):
             await writer.pub(unique, f"p{i}".encode())
         await writer.mpub(unique, [f"m{i}".encode() for i in range(20)])
-    events = await trio.to_thread.run_sync(lambda: run_driver("read", unique, "py", "40", "--nsqd", nsqd.tcp_address, "--timeout", "30"))
+    events = await anyio.to_thread.run_sync(lambda: run_driver("read", unique, "py", "40", "--nsqd", nsqd.tcp_address, "--timeout", "30"))
     bodies = sorted(e["body"] for e in events if e["event"] == "message")
     assert bodies == sorted([f"p{i}" for i in range(20)] + [f"m{i}" for i in range(20)])
 
 
+@on_both_backends
 async def test_pynsq_writer_to_our_reader_with_a_failing_handler(nsqd, unique):
     nsqd.http("POST", f"/topic/create?topic={unique}")
     assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=ours")[0] == 200
-    events = await trio.to_thread.run_sync(lambda: run_driver("write", unique, "30", "--nsqd", nsqd.tcp_address, "--prefix", "w-"))
+    events = await anyio.to_thread.run_sync(lambda: run_driver("write", unique, "30", "--nsqd", nsqd.tcp_address, "--prefix", "w-"))
     assert events[-1] == {"event": "done", "acked": 30, "errors": 0}
     got: dict[str, int] = {}
 

@@ -159,18 +159,18 @@ def test_failure_sends_rdy_0_everywhere_then_tests_the_water_then_recovers():
     assert ctl.next_deadline() == 12.0
     assert ctl.advance(11.9) == []
     out = ctl.advance(12.0)
-    assert len(out) == 1 and out[0].count == 1  # one connection tests the water
+    assert len(out) == 1 and out[0].rdy == 1  # one connection tests the water
     tester = out[0].key
     # the test message fails again: level 2, 4 s
     assert sorted(ctl.message_requeued(12.5)) == [RdyUpdate(tester, 0)]
     assert ctl.next_deadline() == 16.5
     out = ctl.advance(16.5)
-    assert [u.count for u in out] == [1]
+    assert [u.rdy for u in out] == [1]
     # success lowers the level (still backing off: 2 s at RDY 0)
     out = ctl.message_finished(17.0)
-    assert [u.count for u in out] == [0] and ctl.backoff.counter == 1
+    assert [u.rdy for u in out] == [0] and ctl.backoff.counter == 1
     out = ctl.advance(19.0)
-    assert [u.count for u in out] == [1]
+    assert [u.rdy for u in out] == [1]
     # success at level 1: back to full RDY everywhere
     out = ctl.message_finished(19.5)
     assert rdys(ctl) == {"a": 2, "b": 2, "c": 2} and not ctl.in_backoff
@@ -257,8 +257,8 @@ def test_rdy_invariants_hold_under_any_event_sequence(mif, strategy, events, see
             out = ctl.advance(now)
         for upd in out:
             assert upd.key in ctl.conns and not ctl.conns[upd.key].closing
-            assert sent[upd.key] != upd.count, "redundant RDY"
-            sent[upd.key] = upd.count
+            assert sent[upd.key] != upd.rdy, "redundant RDY"
+            sent[upd.key] = upd.rdy
         # nsqd's view and ours agree, and the promises hold
         assert all(sent[k] == c.rdy for k, c in ctl.conns.items())
         assert ctl.total_rdy == sum(c.rdy for c in ctl.conns.values())

@@ -1,6 +1,6 @@
 """snappy and deflate: the shared sans-IO codecs (pynsqd.streams) checked
 against python-snappy and zlib, hostile input, and the IDENTIFY upgrades on
-a real pynsqd with our raw client, our trio client and pynsq."""
+a real pynsqd with our raw client, our client (on trio and asyncio) and pynsq."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import zlib
 from pathlib import Path
 
 import cramjam
+import anyio
 import pytest
 import snappy
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pynsqd.client import Message, Reader, Writer
-from helpers import Certs, RawClient, identify_and_upgrade, read_frame_exact, start_nsqd
+from helpers import Certs, RawClient, identify_and_upgrade, on_both_backends, read_frame_exact, start_nsqd
 from pynsqd.protocol import FRAME_TYPE_ERROR, encode_command
 from pynsqd.streams import (
     SNAPPY_IDENTIFIER,
@@ -272,12 +272,13 @@ def test_pynsq_writer_and_reader_compressed(nsqd, unique, flag):
 
 
 @pytest.mark.parametrize("kind", ["snappy", "deflate"])
+@on_both_backends
 async def test_our_writer_and_reader_compressed(nsqd, unique, kind):
     async with Writer([nsqd.tcp_address], **{kind: True}) as writer:
         await writer.mpub(unique, [f"m{i}".encode() * 100 for i in range(50)])
         await writer.pub(unique, b"last")
     got: list[bytes] = []
-    done = trio.Event()
+    done = anyio.Event()
 
     async def handler(message: Message) -> None:
         got.append(message.body)
@@ -285,7 +286,7 @@ async def test_our_writer_and_reader_compressed(nsqd, unique, kind):
             done.set()
 
     async with Reader(unique, "ch", handler, nsqd_tcp_addresses=[nsqd.tcp_address], max_in_flight=20, **{kind: True}):
-        with trio.fail_after(20):
+        with anyio.fail_after(20):
             await done.wait()
         clients = client_stats(nsqd, unique)
         assert clients and all(cl[kind] for cl in clients)

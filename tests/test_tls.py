@@ -1,6 +1,6 @@
 """TLS: the IDENTIFY ``tls_v1`` upgrade, ``--tls-required`` on TCP and HTTP,
 client certificate policies, ``--tls-min-version``, the HTTPS listener --
-against real pynsqd subprocesses, with our raw client, our trio client and
+against real pynsqd subprocesses, with our raw client, our client (on trio and asyncio) and
 the official pynsq client.  Certificates come from a throwaway trustme CA."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import anyio
 import pytest
-import trio
 
 from pynsqd.client import Message, Reader, Writer
-from helpers import Certs, Daemon, RawClient, identify_and_upgrade, read_frame_exact, start_nsqd, wait_for
+from helpers import Certs, Daemon, RawClient, identify_and_upgrade, on_both_backends, read_frame_exact, start_nsqd, wait_for
 from pynsqd.protocol import FRAME_TYPE_ERROR
 
 DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
@@ -372,6 +372,7 @@ def test_pynsq_writer_and_reader_over_tls(required_nsqd, certs, unique):
     assert bodies == sorted(f"msg-{i}" for i in range(40))
 
 
+@on_both_backends
 async def test_our_writer_and_reader_over_tls_with_a_client_certificate(tmp_path_factory, certs, unique):
     d = start_tls_nsqd(tmp_path_factory, certs, "--tls-client-auth-policy=require-verify", f"--tls-root-ca-file={certs.ca_file}")
     try:
@@ -379,7 +380,7 @@ async def test_our_writer_and_reader_over_tls_with_a_client_certificate(tmp_path
         async with Writer([d.tcp_address], tls_v1=True, tls_context=ctx) as writer:
             await writer.mpub(unique, [f"m{i}".encode() for i in range(30)])
         got: list[bytes] = []
-        all_in = trio.Event()
+        all_in = anyio.Event()
 
         async def handler(message: Message) -> None:
             got.append(message.body)
@@ -387,14 +388,14 @@ async def test_our_writer_and_reader_over_tls_with_a_client_certificate(tmp_path
                 all_in.set()
 
         async with Reader(unique, "ch", handler, nsqd_tcp_addresses=[d.tcp_address], tls_v1=True, tls_context=ctx, max_in_flight=10):
-            with trio.fail_after(20):
+            with anyio.fail_after(20):
                 await all_in.wait()
         assert sorted(got) == sorted(f"m{i}".encode() for i in range(30))
         # without a certificate our client is refused
         from pynsqd.client.conn import Connection, ConnectionClosed, ConnectionOptions
 
         conn = Connection(d.tcp_address, ConnectionOptions(tls_v1=True, tls_context=certs.client_context()))
-        with pytest.raises((trio.BrokenResourceError, ConnectionClosed, OSError)):
+        with pytest.raises((anyio.BrokenResourceError, ConnectionClosed, OSError)):
             await conn.connect()
     finally:
         d.stop()

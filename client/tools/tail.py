@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -50,13 +51,13 @@ def reader_option_defaults() -> dict[str, object]:
 class Tail:
     """Prints messages until ``n`` have been shown (0: forever)."""
 
-    def __init__(self, opts: TailOptions, out: object = None) -> None:
+    def __init__(self, opts: TailOptions, out: Any = None) -> None:
         self.opts = opts
         self.out = out if out is not None else sys.stdout.buffer
         self.shown = 0
         self.done = trio.Event()
 
-    def handler_for(self, topic: str):  # noqa: ANN201 - returns an async handler
+    def handler_for(self, topic: str) -> Callable[[Message], Awaitable[None]]:
         async def handle(message: Message) -> None:
             n = self.opts.n
             if n and self.shown >= n:
@@ -65,9 +66,9 @@ class Tail:
                 return
             self.shown += 1
             if self.opts.print_topic:
-                self.out.write(topic.encode() + b" | ")  # type: ignore[attr-defined]
-            self.out.write(message.body + b"\n")  # type: ignore[attr-defined]
-            self.out.flush()  # type: ignore[attr-defined]
+                self.out.write(topic.encode() + b" | ")
+            self.out.write(message.body + b"\n")
+            self.out.flush()
             if n and self.shown >= n:
                 self.done.set()
 
@@ -111,7 +112,7 @@ async def run_tail(opts: TailOptions, extra: dict[str, object], out: object = No
     return 0
 
 
-async def _stop_when_done(tail: Tail, stop_all) -> None:  # noqa: ANN001
+async def _stop_when_done(tail: Tail, stop_all: Callable[[], Awaitable[None]]) -> None:
     await tail.done.wait()
     await stop_all()
 
