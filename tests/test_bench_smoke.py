@@ -69,3 +69,18 @@ def test_bench_all_workloads_against_spawned_pynsqd(tmp_path: Path) -> None:
     assert lat["count"] == 1000 and 0 < lat["p50"] <= lat["p99"] <= lat["max"]
     assert report["machine"]["cpu_count"] and report["machine"]["python"]
     assert "| workload" in proc.stdout and "latency" in proc.stdout
+
+
+def test_client_bench_every_workload_with_tiny_counts(tmp_path: Path) -> None:
+    out = tmp_path / "client.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "client_bench.py"), "--repeat=1", "--pub-messages=300", "--consume-messages=1000",
+         "--time-limit=30", "--quiet", f"--json-out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failures"] == []
+    for name, w in report["workloads"].items():
+        assert len(w["runs"]) == 1 and w["median"] > 0, name
+    assert "| `writer_50_trio`" in proc.stdout
