@@ -18,6 +18,7 @@ a wrapped layer is ever consumed by the plain one.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import ssl
 import struct
@@ -570,44 +571,49 @@ class Connection:
     async def _read_loop(self, stream: ByteStream, on_events: EventHandler) -> None:
         timeout = self.options.effective_read_timeout()
         proto = self.proto
-        while True:
-            try:
-                with anyio.move_on_after(timeout) as scope:
+        # one scope for the connection's life, its deadline moved on at every
+        # read: a scope per read costs more than the read on a busy connection
+        with anyio.CancelScope() as deadline:
+            while True:
+                deadline.deadline = anyio.current_time() + timeout
+                try:
                     data = await stream.receive(65536)
-            except anyio.EndOfStream:
-                if not self._close_requested:
-                    self.log.info("nsqd closed the connection")
-                return
-            except STREAM_ERRORS as exc:
-                self.log.warning("connection lost: %s", describe(exc))
-                return
-            if scope.cancelled_caught:
-                self.log.warning("read timeout: no data from nsqd for %ss", timeout)
-                return
-            try:
-                events = proto.receive_data(data)
-            except (ProtocolError, ValueError, HandshakeError) as exc:
-                self.log.error("bad data from nsqd, closing: %s", exc)
-                return
-            if events:
-                on_events(self, events)
-            if proto.has_data:
-                self._wakeup.set()
+                except anyio.EndOfStream:
+                    if not self._close_requested:
+                        self.log.info("nsqd closed the connection")
+                    return
+                except STREAM_ERRORS as exc:
+                    self.log.warning("connection lost: %s", describe(exc))
+                    return
+                try:
+                    events = proto.receive_data(data)
+                except (ProtocolError, ValueError, HandshakeError) as exc:
+                    self.log.error("bad data from nsqd, closing: %s", exc)
+                    return
+                if events:
+                    on_events(self, events)
+                if proto.has_data:
+                    self._wakeup.set()
+        if deadline.cancelled_caught:
+            self.log.warning("read timeout: no data from nsqd for %ss", timeout)
 
     async def _write_loop(self, stream: ByteStream, scope: anyio.CancelScope) -> None:
         proto = self.proto
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = anyio.Event()
-            data = proto.data_to_send()
-            if data:
-                try:
-                    with anyio.fail_after(self.options.write_timeout):
+        with anyio.CancelScope() as deadline:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                data = proto.data_to_send()
+                if data:
+                    deadline.deadline = anyio.current_time() + self.options.write_timeout
+                    try:
                         await stream.send(data)
-                except STREAM_ERRORS as exc:  # TimeoutError is an OSError
-                    self.log.warning("write failed: %s", describe(exc))
-                    scope.cancel()
-                    return
-            if self._close_requested and not proto.has_data:
-                scope.cancel()
-                return
+                    except STREAM_ERRORS as exc:
+                        self.log.warning("write failed: %s", describe(exc))
+                        break
+                    deadline.deadline = math.inf
+                if self._close_requested and not proto.has_data:
+                    break
+        if deadline.cancelled_caught:
+            self.log.warning("write timeout: nsqd took no data for %ss", self.options.write_timeout)
+        scope.cancel()
