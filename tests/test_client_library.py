@@ -89,6 +89,31 @@ async def test_a_plain_function_handler_runs_in_worker_threads_with_fin_and_req(
     assert (c["requeue_count"], c["timeout_count"], c["depth"], c["in_flight_count"]) == (2, 0, 0, 0)
 
 
+@on_both_backends
+async def test_messages_answered_later_from_a_thread_of_the_application(nsqd, unique):
+    publish(nsqd, unique, [b"a", b"b", b"c"])
+    later: list[threading.Thread] = []
+
+    def answer(message: Message) -> None:
+        message.touch()
+        if message.body == b"b" and message.attempts == 1:
+            message.requeue(0, backoff=False)
+        else:
+            message.finish()
+
+    async def handler(message: Message) -> None:
+        message.disable_auto_response()
+        thread = threading.Thread(target=answer, args=(message,))  # not a worker thread of the Reader's
+        later.append(thread)
+        thread.start()
+
+    async with Reader(unique, "later", handler, nsqd_tcp_addresses=[nsqd.tcp_address], max_in_flight=3) as reader:
+        await eventually(lambda: reader.stats().messages_finished == 3, message="3 finished from threads")
+    assert reader.stats().messages_requeued == 1
+    for thread in later:
+        thread.join(5)
+
+
 # ---------------------------------------------------------------- 2. exceptions out of async with
 
 
