@@ -56,7 +56,7 @@ from .log import get_logger
 from .lookupd import Discovery, QueryErrors, producer_tcp_addresses, query_lookupd
 from .message import Message
 from .rdy import RdyController, RdyUpdate
-from .service import NurseryService, background_failure
+from .service import NurseryService, internal_failures_reported
 
 # an async function, or a plain one (run in a worker thread); returning
 # False requeues, as in pynsq
@@ -300,32 +300,32 @@ class Reader(NurseryService):
             return
         self.rdy = self._new_rdy(anyio.current_time())
         try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                tg.start_soon(self._rdy_loop)
-                if cfg.concurrency:
-                    # unbounded is fine: RDY already bounds what can arrive
-                    send, receive = anyio.create_memory_object_stream[Message](math.inf)
-                    self._queue = send
-                    for _ in range(cfg.concurrency):
-                        tg.start_soon(self._worker, receive)
-                for address in self.nsqd_tcp_addresses:
-                    self._want(address)
-                if self.lookupd_http_addresses:
-                    tg.start_soon(self._lookupd_loop)
-                task_status.started()
-                await self._stop_requested.wait()
-                await self._graceful_close()
-                tg.cancel_scope.cancel()
-        except BaseException as group:
-            failure = background_failure(group, "Reader")
-            if failure is not None:
-                self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
-                raise failure
-            raise
+            with internal_failures_reported("Reader", self.log):
+                await self._run(task_status)
         finally:
             self._stopping = True
             self._stopped.set()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        cfg = self.config
+        assert self._stop_requested is not None
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            tg.start_soon(self._rdy_loop)
+            if cfg.concurrency:
+                # unbounded is fine: RDY already bounds what can arrive
+                send, receive = anyio.create_memory_object_stream[Message](math.inf)
+                self._queue = send
+                for _ in range(cfg.concurrency):
+                    tg.start_soon(self._worker, receive)
+            for address in self.nsqd_tcp_addresses:
+                self._want(address)
+            if self.lookupd_http_addresses:
+                tg.start_soon(self._lookupd_loop)
+            task_status.started()
+            await self._stop_requested.wait()
+            await self._graceful_close()
+            tg.cancel_scope.cancel()
 
     async def stop(self) -> None:
         """Graceful stop: CLS everywhere, let in-flight handlers finish (up

@@ -10,6 +10,8 @@ of the object's own tasks as one :class:`BackgroundTaskError` (never an
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +45,20 @@ def background_failure(group: BaseException, what: str, exclude: BaseException |
     error = BackgroundTaskError(f"{what} failed: {real[0]!r}" + (f" (and {len(real) - 1} more)" if len(real) > 1 else ""))
     error.__cause__ = real[0] if len(real) == 1 else BaseExceptionGroup("background task failures", real)
     return error
+
+
+@contextlib.contextmanager
+def internal_failures_reported(what: str, log: logging.LoggerAdapter) -> Iterator[None]:  # type: ignore[type-arg]
+    """Around a ``run()``'s own task group: a failure of its tasks leaves as
+    one BackgroundTaskError (logged with its traceback), cancellation as is."""
+    try:
+        yield
+    except BaseException as group:
+        failure = background_failure(group, what)
+        if failure is None:
+            raise
+        log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
+        raise failure from failure.__cause__
 
 
 class NurseryService:

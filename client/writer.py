@@ -43,7 +43,7 @@ from .conn import (
 )
 from .errors import ConnectionClosed, NotRunningError, NSQError, PublishError, describe
 from .log import get_logger
-from .service import NurseryService, background_failure
+from .service import NurseryService, internal_failures_reported
 
 # answers that mean "this nsqd cannot take it now", not "this message is bad"
 RETRYABLE_CODES = frozenset({"E_PUB_FAILED", "E_MPUB_FAILED", "E_DPUB_FAILED"})
@@ -163,18 +163,12 @@ class Writer(NurseryService):
         self._state = "running"
         self._ready_changed = anyio.Event()
         try:
-            with anyio.CancelScope() as cancel:
+            with internal_failures_reported("Writer", self.log), anyio.CancelScope() as cancel:
                 self._cancel = cancel
                 async with anyio.create_task_group() as tg:
                     for address in self.addresses:
                         tg.start_soon(self._supervise, address)
                     task_status.started()
-        except BaseException as group:
-            failure = background_failure(group, "Writer")
-            if failure is not None:
-                self.log.error("stopped by an internal error", exc_info=failure.__cause__ or failure)
-                raise failure
-            raise
         finally:
             self._state = "stopped"
             for wc in self.connections.values():
