@@ -17,12 +17,14 @@ once; a lost connection or ``E_PUB_FAILED`` retries on another nsqd (or the
 same one, redialled with exponential backoff) until ``publish_timeout``,
 then :class:`PublishError` names the last error.  Heartbeats are turned off
 (IDENTIFY ``heartbeat_interval: -1``): nobody would answer them between
-publishes, and nsqd has no read deadline without them.
+publishes, and nsqd has no read deadline without them.  In a child process
+(a pre-forking server such as gunicorn) it dials its own connections.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import select
 import socket
@@ -105,6 +107,19 @@ def _buffered(sock: Any) -> bool:
     if isinstance(sock, _CodecSocket):
         return sock.buffered()
     return False
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    """Data (or EOF) waiting on the socket within ``timeout`` (poll: no
+    FD_SETSIZE limit in applications with many open files)."""
+    if _buffered(sock):
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
+    return bool(readable)
 
 
 def _upgrade(kind: str, sock: Any, handshake: Handshake, options: ConnectionOptions, host: str) -> Any:
@@ -202,10 +217,7 @@ class _SyncConn:
     def _closed_meanwhile(self) -> bool:
         """An idle connection with something to read has been closed by
         nsqd (a restart): find out before sending, not after."""
-        if _buffered(self.sock):
-            return True
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
+        return _readable(self.sock, 0)
 
     def _wait(self, waiter: _Waiter, deadline: float) -> None:
         with self._cond:
@@ -234,10 +246,8 @@ class _SyncConn:
             if remaining <= 0:
                 raise TimeoutError(f"no answer from nsqd {self.address} in time")
             try:
-                if not _buffered(self.sock):
-                    readable, _, _ = select.select([self.sock], [], [], remaining)
-                    if not readable:
-                        continue
+                if not _readable(self.sock, remaining):
+                    continue
                 data = self.sock.recv(RECEIVE_SIZE)
             except OSError as exc:
                 self._break(exc)
@@ -328,6 +338,7 @@ class SyncWriter:
         self._lock = threading.Lock()
         self._rr = 0
         self._closed = False
+        self._pid = os.getpid()
         self.connect_errors: dict[str, BaseException] = {}
 
     # ------------------------------------------------------------ publishing
@@ -396,6 +407,8 @@ class SyncWriter:
         is dialled first (by one thread; the others use a live connection
         meanwhile, or wait for that dial when there is none).  None, after
         waiting for the next redial, when there is nothing to use yet."""
+        if self._pid != os.getpid():
+            self._forked()
         with self._lock:
             self._rr += 1
             start = self._rr % len(self._targets)
@@ -413,6 +426,15 @@ class SyncWriter:
         next_try = min(t.retry_at for t in self._targets)
         time.sleep(max(0.0, min(next_try, deadline) - time.monotonic()))
         return None
+
+    def _forked(self) -> None:
+        """In a child process (a pre-forking server imported us first): the
+        connections belong to the parent; leave them to it and dial anew."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._targets = [_Target(a, self.config.reconnect_interval) for a in self.addresses]
 
     def _dial(self, target: _Target, deadline: float, *, wait: bool) -> _SyncConn | None:
         if wait:

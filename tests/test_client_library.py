@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -273,6 +274,32 @@ def test_sync_writer_fails_over_and_raises_nsq_errors(tmp_path, refused_address)
     finally:
         a.stop()
         b.stop()
+
+
+def local_port(writer) -> int:  # noqa: ANN001
+    (conn,) = [t.conn for t in writer._targets if t.conn is not None]
+    return int(conn.sock.getsockname()[1])
+
+
+def test_sync_writer_in_a_forked_child_dials_its_own_connection(nsqd, unique):
+    from pynsqd.client import SyncWriter
+
+    with SyncWriter([nsqd.tcp_address]) as writer:
+        writer.pub(unique, b"parent")
+        parents = local_port(writer)
+        pid = os.fork()  # a pre-forking server (gunicorn --preload) after the app published
+        if pid == 0:
+            try:
+                writer.pub(unique, b"child")
+                os._exit(0 if local_port(writer) != parents else 2)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        writer.pub(unique, b"parent again")
+        assert local_port(writer) == parents
+    (t,) = [t for t in nsqd.stats(unique)["topics"] if t["topic_name"] == unique]
+    assert t["message_count"] == 3
 
 
 # ---------------------------------------------------------------- 5. tracebacks
