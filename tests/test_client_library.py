@@ -140,6 +140,11 @@ async def test_exceptions_come_out_of_async_with_as_themselves(nsqd, unique):
         async with Reader(unique, "body", handler, nsqd_tcp_addresses=[nsqd.tcp_address]) as reader:
             await reader.wait_connected()
             raise KeyError("from the block")
+    # a cancellation from outside stays a cancellation: the caller's scope catches it
+    with anyio.move_on_after(0.3) as scope:
+        async with Writer([nsqd.tcp_address]) as writer, Reader(unique, "cancel", handler, nsqd_tcp_addresses=[nsqd.tcp_address]):
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
 
 
 @on_both_backends
