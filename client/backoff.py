@@ -49,7 +49,10 @@ class FullJitterStrategy:
         return self.rng.uniform(0.0, self.multiplier * 2.0**attempt)
 
 
-def strategy_named(name: str, multiplier: float, rng: random.Random | None = None) -> BackoffStrategy:
+def strategy_named(name: str | BackoffStrategy, multiplier: float, rng: random.Random | None = None) -> BackoffStrategy:
+    """A strategy by name, or one given as an object (anything with ``calculate``)."""
+    if not isinstance(name, str):
+        return name
     if name == "exponential":
         return ExponentialStrategy(multiplier)
     if name in ("full_jitter", "full-jitter", "jitter"):

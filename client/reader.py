@@ -38,7 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
-from .backoff import Backoff, strategy_named
+from .backoff import Backoff, BackoffStrategy, strategy_named
 from .conn import (
     CONNECT_ERRORS,
     CloseWait,
@@ -82,7 +82,7 @@ class ReaderConfig:
     max_attempts: int = 5  # 0: never give up
     default_requeue_delay: float = 90.0  # x attempts
     max_requeue_delay: float = 900.0
-    backoff_strategy: str = "exponential"  # or "full_jitter"
+    backoff_strategy: str | BackoffStrategy = "exponential"  # or "full_jitter", or an object
     backoff_multiplier: float = 1.0
     max_backoff_duration: float = 120.0  # 0: never back off
     lookupd_poll_interval: float = 60.0

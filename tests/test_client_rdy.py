@@ -72,6 +72,20 @@ def test_continue_keeps_the_level_but_pauses_again():
     assert fresh.signal(Signal.CONTINUE, 0.0) is Outcome.NONE
 
 
+def test_a_strategy_by_name_or_as_an_object():
+    import random
+
+    from pynsqd.client.backoff import strategy_named
+
+    assert strategy_named("exponential", 0.5).calculate(3) == 4.0
+    jitter = strategy_named("full_jitter", 1.0, random.Random(1))
+    assert all(0 <= jitter.calculate(2) < 4 for _ in range(20))
+    own = FullJitterStrategy(2.0, random.Random(3))
+    assert strategy_named(own, 1.0) is own
+    with pytest.raises(ValueError):
+        strategy_named("linear", 1.0)
+
+
 # ---------------------------------------------------------------- RDY distribution
 
 
