@@ -108,16 +108,22 @@ class Route:
 
 
 class Router:
-    """Exact paths, plus prefix routes (``/config/``) for one trailing segment."""
+    """Exact paths, prefix routes (``/config/*``) for one trailing segment,
+    and subtree routes (``/topics/**``) for any path below the prefix."""
 
     def __init__(self, default_max_body: int = 1 << 20) -> None:
         self._routes: dict[str, dict[str, Route]] = {}
         self._prefixes: dict[str, dict[str, Route]] = {}
+        self._subtrees: dict[str, dict[str, Route]] = {}
         self.default_max_body = default_max_body
 
     def add(self, methods: str | tuple[str, ...], path: str, handler: Handler, *, max_body: int | None = None, too_big: str = "BODY_TOO_BIG") -> None:
-        table = self._prefixes if path.endswith("/*") else self._routes
-        key = path[:-1] if path.endswith("/*") else path
+        if path.endswith("/**"):
+            table, key = self._subtrees, path[:-2]
+        elif path.endswith("/*"):
+            table, key = self._prefixes, path[:-1]
+        else:
+            table, key = self._routes, path
         for method in (methods,) if isinstance(methods, str) else methods:
             table.setdefault(key, {})[method] = Route(handler, max_body, too_big)
 
@@ -127,6 +133,12 @@ class Router:
             for prefix, candidates in self._prefixes.items():
                 if path.startswith(prefix) and "/" not in path[len(prefix) :] and len(path) > len(prefix):
                     by_method = candidates
+                    break
+        if by_method is None:
+            # the longest subtree prefix wins
+            for prefix in sorted(self._subtrees, key=len, reverse=True):
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    by_method = self._subtrees[prefix]
                     break
         if by_method is None:
             return respond_error(404, "NOT_FOUND")

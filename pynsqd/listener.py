@@ -44,6 +44,18 @@ def parse_address(address: str, default_port: int | None = None) -> tuple[str, i
     return host, port
 
 
+class ListenError(Exception):
+    """A listener could not be opened (address in use, bad host...)."""
+
+
+async def listen_or_fail(address: str) -> tuple[trio.SocketListener, str, int]:
+    """:func:`open_listener` with every failure as a one-line ListenError."""
+    try:
+        return await open_listener(address)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"listen ({address}) failed - {exc}") from exc
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

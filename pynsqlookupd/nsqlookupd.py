@@ -13,7 +13,7 @@ import trio
 
 from pynsqd import NSQ_VERSION, version_string
 from pynsqd.http_server import serve_http
-from pynsqd.listener import open_listener
+from pynsqd.listener import ListenError, listen_or_fail
 from pynsqd.log import get_logger
 
 from .http_api import LookupHTTPAPI
@@ -22,9 +22,7 @@ from .options import Options
 from .registration_db import RegistrationDB
 from .tcp import serve_tcp
 
-
-class ListenError(Exception):
-    """A listener could not be opened (address in use, bad host...)."""
+__all__ = ["ListenError", "NSQLookupd", "open_nsqlookupd"]
 
 
 class NSQLookupd:
@@ -49,9 +47,9 @@ class NSQLookupd:
         """Bind both listeners, report started, serve until cancelled."""
         with self._cancel_scope:
             self._log.info(version_string("nsqlookupd"))
-            tcp_listener, self.tcp_address, self.tcp_port = await self._listen(self.options.tcp_address)
+            tcp_listener, self.tcp_address, self.tcp_port = await listen_or_fail(self.options.tcp_address)
             try:
-                http_listener, self.http_address, self.http_port = await self._listen(self.options.http_address)
+                http_listener, self.http_address, self.http_port = await listen_or_fail(self.options.http_address)
             except BaseException:
                 await tcp_listener.aclose()
                 raise
@@ -70,12 +68,6 @@ class NSQLookupd:
                 self._log.info(f"HTTP: listening on {self.http_address}")
                 task_status.started(self)
         self._log.info("exiting")
-
-    async def _listen(self, address: str) -> tuple[trio.SocketListener, str, int]:
-        try:
-            return await open_listener(address)
-        except (OSError, ValueError) as exc:
-            raise ListenError(f"listen ({address}) failed - {exc}") from exc
 
     def shutdown(self) -> None:
         """Stop serving: closes the listeners and every connection."""

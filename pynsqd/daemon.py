@@ -1,0 +1,64 @@
+"""How an NSQ daemon process runs (nsqlookupd, nsqadmin): flags or exit as
+Go does, ``--version``, logging set up, serve until SIGINT/SIGTERM, a listen
+failure as one fatal line and exit code 1."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, Protocol
+
+import trio
+
+from . import log as logging
+from . import version_string
+from .flags import run_cli
+from .listener import ListenError
+
+
+class Daemon(Protocol):
+    async def run(self, *, task_status: Any = ...) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:
+    """Run ``daemon`` until SIGINT/SIGTERM; returns the process exit code."""
+    log = logging.get_logger()
+    # the receiver is open before anything binds, so an early signal is
+    # still a clean shutdown rather than a KeyboardInterrupt traceback
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(daemon.run)
+            except ListenError as exc:
+                log.critical(str(exc))
+                return 1
+            if on_started is not None:
+                on_started()
+            async for signum in signals:
+                log.info("signal received, shutting down", signal=signal.Signals(signum).name)
+                break
+            daemon.shutdown()
+    return 0
+
+
+def daemon_main(
+    prog: str,
+    options_cls: type,
+    argv: Sequence[str],
+    make_daemon: Callable[[Any], Daemon],
+    on_started: Callable[[Any], None] | None = None,
+) -> NoReturn:
+    """The console entry point of the daemon called ``prog`` (Go's name)."""
+    options, _ = run_cli(prog, options_cls, argv)
+    if options.version:
+        print(version_string(prog))
+        raise SystemExit(0)
+    logging.configure(app=prog, prefix=options.log_prefix, level=options.log_level, fmt=options.log_format)
+    started = (lambda: on_started(options)) if on_started is not None else None
+    try:
+        code = trio.run(serve_until_signal, make_daemon(options), started)
+    except KeyboardInterrupt:
+        code = 0
+    raise SystemExit(code)
