@@ -185,6 +185,24 @@ def start_nsqd(data_path: str, *extra: str, env: dict[str, str] | None = None) -
     return daemon
 
 
+def start_nsqlookupd(*extra: str) -> Daemon:
+    daemon = Daemon([
+        sys.executable, "-m", "pynsqlookupd",
+        "--tcp-address=127.0.0.1:0",
+        "--http-address=127.0.0.1:0",
+        "--broadcast-address=127.0.0.1",
+        *extra,
+    ])
+    daemon.wait_listening()
+    return daemon
+
+
+def start_nsqadmin(*extra: str) -> Daemon:
+    daemon = Daemon([sys.executable, "-m", "pynsqadmin", "--http-address=127.0.0.1:0", *extra])
+    daemon.wait_listening(("HTTP",))
+    return daemon
+
+
 def http_request(method: str, url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method)
     try:

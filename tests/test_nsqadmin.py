@@ -1,0 +1,383 @@
+"""pynsqadmin as a real process against real pynsqlookupd + 2 pynsqd (and Go's
+daemons where present): its pages over plain HTTP, actions through their
+confirmation, safety (no GET actions, CSRF token, read-only flag, escaping),
+nodes that are down, flags.  The browser's view is in test_nsqadmin_browser.py."""
+
+from __future__ import annotations
+
+import html
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from helpers import Daemon, RawClient, http_request, identify_and_upgrade, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN_RE = re.compile(r'name="confirm" value="([0-9a-f]+)"')
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.lookupd = start_nsqlookupd()
+        lookup = f"--lookupd-tcp-address=127.0.0.1:{self.lookupd.tcp_port}"
+        self.nsqds = [start_nsqd(str(tmp / f"nsqd{i}"), "--broadcast-address=127.0.0.1", lookup) for i in range(2)]
+        self.admin = start_nsqadmin(f"--lookupd-http-address={self.lookupd.http_address}", "--sample-interval=1s")
+
+    def stop(self) -> None:
+        for d in [self.admin, *self.nsqds, self.lookupd]:
+            d.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("admin")
+    for i in range(2):
+        (tmp / f"nsqd{i}").mkdir()
+    c = Cluster(tmp)
+    yield c
+    c.stop()
+
+
+def page(admin: Daemon, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", admin.http_port, timeout=15)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def post(admin: Daemon, path: str, form: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    conn = http.client.HTTPConnection("127.0.0.1", admin.http_port, timeout=15)
+    try:
+        conn.request("POST", path, urlencode(form), {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
+    finally:
+        conn.close()
+
+
+def act(admin: Daemon, action: str, **target: str) -> tuple[int, dict[str, str], str]:
+    """Submit an action's form, then its confirmation."""
+    status, _, body = post(admin, "/actions", {"action": action, **target})
+    assert status == 200, body
+    token = TOKEN_RE.search(body)
+    assert token, body
+    return post(admin, "/actions", {"action": action, **target, "confirm": html.unescape(token.group(1))})
+
+
+def nsqd_channel(nsqd: Daemon, topic: str, channel: str) -> dict:
+    for t in nsqd.stats(topic)["topics"]:
+        for c in t["channels"]:
+            if c["channel_name"] == channel:
+                return c
+    raise AssertionError(f"{topic}/{channel} not on nsqd")
+
+
+def publish(nsqd: Daemon, topic: str, bodies: list[bytes]) -> None:
+    status, body = nsqd.http("POST", f"/mpub?topic={topic}", b"\n".join(bodies))
+    assert status == 200, body
+
+
+# ---------------------------------------------------------------- pages
+
+
+def test_topics_page_lists_a_topic_after_publish(cluster, unique):
+    publish(cluster.nsqds[0], unique, [b"a", b"b", b"c"])
+    publish(cluster.nsqds[1], unique, [b"d"])
+
+    def listed() -> str | None:
+        status, body = page(cluster.admin, "/")
+        assert status == 200
+        return body if f'data-topic="{unique}"' in body else None
+
+    body = wait_for(listed, message="topic on the topics page")
+    row = body.split(f'data-topic="{unique}"', 1)[1].split("</tr>", 1)[0]
+    assert f'href="/topics/{unique}"' in row
+    cells = re.findall(r'<td class="num[^"]*">(.*?)</td>', row)
+    assert re.sub("<[^>]+>", "", cells[0]) == "2"  # nsqds
+    assert re.sub("<[^>]+>", "", cells[2]) == "4"  # depth: no channel yet, all in the topic
+
+
+def test_topic_page_breaks_down_per_nsqd_and_lists_channels(cluster, unique):
+    for nsqd in cluster.nsqds:
+        assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+        assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=work")[0] == 200
+    publish(cluster.nsqds[0], unique, [b"x"] * 5)
+    publish(cluster.nsqds[1], unique, [b"y"] * 2)
+    status, body = page(cluster.admin, f"/topics/{unique}")
+    assert status == 200
+    for nsqd in cluster.nsqds:
+        assert f'data-node="127.0.0.1:{nsqd.http_port}"' in body
+    channels = body.split('id="channels"', 1)[1]
+    row = channels.split('data-channel="work"', 1)[1].split("</tr>", 1)[0]
+    assert re.sub("<[^>]+>", "", re.findall(r'<td class="num[^"]*">(.*?)</td>', row)[0]) == "7"
+    assert f'href="/topics/{unique}/work"' in row
+    # the per-node actions (tombstone) and the topic's own
+    assert 'data-action="tombstone_topic_producer"' in body and 'data-action="pause_topic"' in body
+    assert 'data-action="unpause_topic"' not in body
+
+
+def test_channel_page_shows_its_clients_escaped(cluster, unique):
+    nsqd = cluster.nsqds[0]
+    with RawClient(nsqd.tcp_port) as client:
+        identify_and_upgrade(client, snappy=True, user_agent='<script>alert("ua")</script>', hostname="consumer-host", heartbeat_interval=30000)
+        assert client.sub(unique, "live").data == b"OK"
+        client.cmd(b"RDY", b"3")
+        publish(nsqd, unique, [b"m1", b"m2"])
+        client.read_message()
+        status, body = page(cluster.admin, f"/topics/{unique}/live")
+    assert status == 200
+    clients = body.split('id="clients"', 1)[1].split("</table>", 1)[0]
+    assert "consumer-host" in clients
+    assert "<script>" not in body and "&lt;script&gt;alert(&#34;ua&#34;)&lt;/script&gt;" in clients
+    assert ">snappy<" in clients
+    assert f"127.0.0.1:{nsqd.http_port}" in clients
+
+
+def test_nodes_page_shows_each_nsqd_and_its_lookupd(cluster):
+    status, body = page(cluster.admin, "/nodes")
+    assert status == 200
+    for nsqd in cluster.nsqds:
+        row = body.split(f'data-node="127.0.0.1:{nsqd.http_port}"', 1)[1].split("</tr>", 1)[0]
+        assert 'badge up">up' in row and "1.3.0" in row and cluster.lookupd.http_address in row
+        assert f">{nsqd.tcp_port}<" in row
+    status, body = page(cluster.admin, f"/nodes/127.0.0.1:{cluster.nsqds[0].http_port}")
+    assert status == 200 and "Version" in body
+    # a URL is not an address book: unknown nodes are never asked
+    assert page(cluster.admin, "/nodes/127.0.0.1:1")[0] == 404
+
+
+def test_lookup_page_shows_registrations_and_tombstones(cluster, unique):
+    for nsqd in cluster.nsqds:
+        assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+    assert cluster.nsqds[0].http("POST", f"/channel/create?topic={unique}&channel=reg")[0] == 200
+    node = f"127.0.0.1:{cluster.nsqds[1].http_port}"
+    assert cluster.lookupd.http("POST", f"/topic/tombstone?topic={unique}&node={node}")[0] == 200
+
+    def shown() -> str | None:
+        body = page(cluster.admin, "/lookup")[1]
+        row = body.split(f'data-topic="{unique}"', 1)[-1].split("</tr>", 1)[0]
+        return row if ">reg<" in row and "tombstoned" in row else None
+
+    row = wait_for(shown, message="registrations on the lookup page")
+    assert f"{node} · tombstoned" in row
+
+
+def test_graphs_come_from_sampling(cluster, unique):
+    nsqd = cluster.nsqds[0]
+    assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+
+    def drawn() -> str | None:
+        body = page(cluster.admin, f"/topics/{unique}")[1]
+        svg = re.search(r'<svg class="graph graph-depth"[^>]*data-points="(\d+)"', body)
+        return body if svg and int(svg.group(1)) >= 2 else None
+
+    wait_for(drawn, timeout=30, message="two samples of the topic")
+    publish(nsqd, unique, [b"z"] * 30)
+
+    def depth_seen() -> bool:
+        body = page(cluster.admin, f"/topics/{unique}")[1]
+        last = re.search(r'<svg class="graph graph-depth"[^>]*data-last="([0-9.]+)"', body)
+        return bool(last) and float(last.group(1)) == 30.0
+
+    wait_for(depth_seen, timeout=30, message="depth 30 in the graph")
+    sparkline = page(cluster.admin, "/")[1].split(f'data-topic="{unique}"', 1)[1].split("</tr>", 1)[0]
+    assert '<svg class="sparkline"' in sparkline
+
+
+# ---------------------------------------------------------------- actions
+
+
+def test_actions_need_post_confirmation_and_a_token(cluster, unique):
+    nsqd = cluster.nsqds[0]
+    assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=c")[0] == 200
+    target = {"topic": unique, "channel": "c"}
+    # no action by GET
+    assert page(cluster.admin, "/actions?" + urlencode({"action": "pause_channel", **target}))[0] == 405
+    # the first POST only asks
+    status, _, body = post(cluster.admin, "/actions", {"action": "pause_channel", **target})
+    assert status == 200 and "Pause channel “c”" in body and 'id="confirm"' in body
+    assert nsqd_channel(nsqd, unique, "c")["paused"] is False
+    # a forged confirmation (another site cannot know the token)
+    assert post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": "0" * 64})[0] == 403
+    # another site's form, even with a token
+    token = TOKEN_RE.search(body).group(1)
+    status, _, _ = post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": token}, {"Origin": "http://evil.example"})
+    assert status == 403
+    assert nsqd_channel(nsqd, unique, "c")["paused"] is False
+    status, headers, _ = post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": token})
+    assert status == 303 and headers["Location"] == f"/topics/{unique}/c?done=pause_channel"
+    assert nsqd_channel(nsqd, unique, "c")["paused"] is True
+    body = page(cluster.admin, headers["Location"])[1]
+    assert "Channel paused." in body and 'data-action="unpause_channel"' in body
+    # invalid names are refused before anything is asked of the cluster
+    assert post(cluster.admin, "/actions", {"action": "empty_topic", "topic": "bad name!"})[0] == 400
+    assert post(cluster.admin, "/actions", {"action": "no_such_action", "topic": unique})[0] == 400
+
+
+def test_topic_actions_on_every_nsqd(cluster, unique):
+    for nsqd in cluster.nsqds:
+        publish(nsqd, unique, [b"q"] * 3)
+    status, headers, _ = act(cluster.admin, "pause_topic", topic=unique)
+    wait_for(lambda: all(n.stats(unique)["topics"][0]["paused"] for n in cluster.nsqds), message="paused on both")
+    status, headers, _ = act(cluster.admin, "empty_topic", topic=unique)
+    assert status == 303
+    assert all(n.stats(unique)["topics"][0]["depth"] == 0 for n in cluster.nsqds)
+    status, headers, _ = act(cluster.admin, "delete_topic", topic=unique)
+    assert status == 303 and headers["Location"] == "/?done=delete_topic"
+    assert all(n.stats(unique)["topics"] == [] for n in cluster.nsqds)
+
+
+def test_create_channel_through_lookupd_and_producers(cluster, unique):
+    assert cluster.nsqds[0].http("POST", f"/topic/create?topic={unique}")[0] == 200
+    wait_for(lambda: cluster.lookupd.http("GET", f"/lookup?topic={unique}")[0] == 200, message="topic registered")
+    status, headers, _ = act(cluster.admin, "create_channel", topic=unique, channel="made")
+    assert status == 303, headers
+    assert nsqd_channel(cluster.nsqds[0], unique, "made")["depth"] == 0
+    assert "made" in cluster.lookupd.json(f"/channels?topic={unique}")["channels"]
+
+
+def test_read_only_admin_offers_and_takes_no_action(cluster, unique):
+    nsqd = cluster.nsqds[0]
+    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=ro")[0] == 404  # no topic yet
+    assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=ro")[0] == 200
+    ro = start_nsqadmin(f"--nsqd-http-address={nsqd.http_address}", "--disable-actions")
+    try:
+        status, body = page(ro, f"/topics/{unique}/ro")
+        assert status == 200 and "<form" not in body and "read-only" in body
+        assert post(ro, "/actions", {"action": "pause_channel", "topic": unique, "channel": "ro"})[0] == 403
+        assert nsqd_channel(nsqd, unique, "ro")["paused"] is False
+    finally:
+        ro.stop()
+
+
+def test_down_nodes_are_marked_and_the_rest_renders(cluster, tmp_path, unique):
+    doomed = start_nsqd(str(tmp_path), "--broadcast-address=127.0.0.1", f"--lookupd-tcp-address=127.0.0.1:{cluster.lookupd.tcp_port}")
+    try:
+        publish(doomed, unique, [b"m"])
+        publish(cluster.nsqds[0], unique, [b"m"])
+        address = f"127.0.0.1:{doomed.http_port}"
+        wait_for(lambda: f'data-node="{address}" class="up"' in page(cluster.admin, "/nodes")[1], message="node up")
+    finally:
+        doomed.kill()
+    # kill -9: lookupd drops it at once; pynsqadmin remembers and marks it
+    status, body = page(cluster.admin, "/nodes")
+    assert status == 200
+    row = body.split(f'data-node="{address}"', 1)[1].split("</tr>", 1)[0]
+    assert 'class="down"' in body.split(f'data-node="{address}"', 1)[1][:20] and "badge down" in row
+    status, body = page(cluster.admin, f"/topics/{unique}")
+    assert status == 200 and f"127.0.0.1:{cluster.nsqds[0].http_port}" in body
+    assert "badge down" in body.split(address, 1)[1][:200]
+    # an nsqlookupd and an nsqd that never answer: marked, the page still renders
+    with_dead = start_nsqadmin(
+        f"--lookupd-http-address={cluster.lookupd.http_address}",
+        f"--lookupd-http-address={address.replace(str(doomed.http_port), '1')}",
+        f"--nsqd-http-address={address}",
+    )
+    try:
+        status, body = page(with_dead, "/")
+        assert status == 200 and f'data-topic="{unique}"' in body
+        assert 'role="alert">nsqlookupd 127.0.0.1:1:' in body and f'role="alert">nsqd {address}:' in body
+        status, body = page(with_dead, "/nodes")
+        assert status == 200 and 'badge down">down' in body
+    finally:
+        with_dead.stop()
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def test_version_flags_and_config_endpoint(cluster):
+    out = subprocess.run([sys.executable, "-m", "pynsqadmin", "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("nsqadmin v1.3.0-compatible (built w/pynsqd-")
+    bad = subprocess.run([sys.executable, "-m", "pynsqadmin", "--sample-interval=never"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    helped = subprocess.run([sys.executable, "-m", "pynsqadmin", "--help"], capture_output=True, text=True, timeout=30)
+    assert "-lookupd-http-address value" in helped.stderr and "0.0.0.0:4171" in helped.stderr and "unused" in helped.stderr
+    assert any(re.search(r"HTTP: listening on 127\.0\.0\.1:\d+$", line) for line in cluster.admin.lines)
+    status, body = http_request("GET", f"http://127.0.0.1:{cluster.admin.http_port}/config/nsqlookupd_http_addresses")
+    assert status == 200 and json.loads(body) == [cluster.lookupd.http_address]
+    status, body = http_request("GET", f"http://127.0.0.1:{cluster.admin.http_port}/ping")
+    assert (status, body) == (200, b"OK")
+    status, body = page(cluster.admin, "/static/style.css")
+    assert status == 200 and "graph-line" in body
+    status, body = page(cluster.admin, "/")
+    # everything from here: no CDN, no external fetch
+    assert not re.search(r'(src|href)="(https?:)?//', body)
+
+
+def test_base_path(cluster, unique):
+    publish(cluster.nsqds[0], unique, [b"x"])
+    admin = start_nsqadmin(f"--nsqd-http-address={cluster.nsqds[0].http_address}", "--base-path=/admin")
+    try:
+        status, body = page(admin, "/admin/")
+        assert status == 200 and f'href="/admin/topics/{unique}"' in body and 'href="/admin/static/style.css"' in body
+        assert page(admin, "/")[0] == 404
+        assert page(admin, f"/admin/topics/{quote(unique)}")[0] == 200
+    finally:
+        admin.stop()
+
+
+# ---------------------------------------------------------------- Go's daemons
+
+
+def go_binaries() -> Path | None:
+    for base in (os.environ.get("GO_NSQ_DIR", ""), ROOT.parent / "shared", ROOT.parent.parent / "shared"):
+        if not base:
+            continue
+        path = Path(base) if str(base).endswith("go-nsq-1.3.0") else Path(base) / "go-nsq-1.3.0"
+        if (path / "nsqd").exists() and (path / "nsqlookupd").exists():
+            return path
+    return None
+
+
+def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
+    go = go_binaries()
+    if go is None:
+        pytest.skip("Go NSQ 1.3.0 binaries not found (../shared/go-nsq-1.3.0 or $GO_NSQ_DIR)")
+    lookupd = Daemon([str(go / "nsqlookupd"), "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1"])
+    nsqd = admin = None
+    try:
+        lookupd.wait_listening()
+        nsqd = Daemon([
+            str(go / "nsqd"), "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", f"--data-path={tmp_path}",
+            "--broadcast-address=127.0.0.1", f"--lookupd-tcp-address=127.0.0.1:{lookupd.tcp_port}", "--e2e-processing-latency-percentile=0.99",
+        ])
+        nsqd.wait_listening()
+        publish(nsqd, unique, [b"go"] * 4)
+        assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=gch")[0] == 200
+        publish(nsqd, unique, [b"go"] * 3)
+        admin = start_nsqadmin(f"--lookupd-http-address=127.0.0.1:{lookupd.http_port}")
+        node = f"127.0.0.1:{nsqd.http_port}"
+
+        def topic_page() -> str | None:
+            status, body = page(admin, f"/topics/{unique}")
+            return body if status == 200 and f'data-node="{node}"' in body else None
+
+        body = wait_for(topic_page, message="Go nsqd's topic on the page")
+        row = body.split('data-channel="gch"', 1)[1].split("</tr>", 1)[0]
+        # the 4 held by the channel-less topic went to its first channel
+        assert re.sub("<[^>]+>", "", re.findall(r'<td class="num[^"]*">(.*?)</td>', row)[0]) == "7"
+        assert "e2e p99" in body
+        nodes = page(admin, "/nodes")[1]
+        assert f'data-node="{node}" class="up"' in nodes and "1.3.0" in nodes
+        status, headers, _ = act(admin, "pause_channel", topic=unique, channel="gch")
+        assert status == 303
+        assert nsqd_channel(nsqd, unique, "gch")["paused"] is True
+        assert page(admin, "/lookup")[0] == 200
+    finally:
+        for d in (admin, nsqd, lookupd):
+            if d is not None:
+                d.stop()
