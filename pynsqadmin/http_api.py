@@ -55,7 +55,7 @@ SECURITY_HEADERS = [
     (b"X-Frame-Options", b"DENY"),
     (b"Cache-Control", b"no-store"),
 ]
-STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8"}
+STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8", "svg": b"image/svg+xml"}
 TOPIC_CHARTS = (("rate", "Messages", "/s"), ("depth", "Topic depth", ""), ("channel_depth", "Channels' depth", ""), ("in_flight", "In flight", ""))
 CHANNEL_CHARTS = (("rate", "Messages", "/s"), ("depth", "Depth", ""), ("in_flight", "In flight", ""), ("deferred", "Deferred", ""))
 
@@ -126,7 +126,7 @@ class AdminHTTP:
         self.base = _normalize_base(self.options.base_path)
         self._key = secrets.token_bytes(32)  # confirmation tokens die with the process
         self._log = get_logger()
-        self._static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in ("style.css", "live.js")}
+        self._static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in ("style.css", "live.js", "favicon.svg")}
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader(__package__, "templates"),
             autoescape=True,
@@ -210,8 +210,16 @@ class AdminHTTP:
         series = self.admin.history.series(topic, channel)
         if series is None:
             return []
-        window = self.options.history_duration
+        window = self.graph_window()
         return [graph.line_chart(series[metric], title=title, unit=unit, window=window, width=290, css_class=f"graph-{metric}") for metric, title, unit in spec]
+
+    def graph_window(self) -> float:
+        """--history, or less while pynsqadmin has not been up that long (a
+        minute at least): a fresh start shows its few points, not a spike."""
+        times = self.admin.history.times()
+        if not times:
+            return self.options.history_duration
+        return min(self.options.history_duration, max(60.0, time.time() - times[0]))
 
     def down_nodes(self, snapshot: Snapshot, topic: str | None = None, *, complete: bool) -> list[KnownNode]:
         self.admin.nodes.update(snapshot, complete=complete)
@@ -241,7 +249,7 @@ class AdminHTTP:
         down = self.down_nodes(snapshot, complete=True)
         rows = topic_rows(snapshot, registered, down)
         history = self.admin.history
-        window = self.options.history_duration
+        window = self.graph_window()
         sparks = {}
         for row in rows:
             series = history.series(row.name)
