@@ -23,6 +23,8 @@ def _sum_into(totals: dict[str, int], doc: dict[str, Any], fields: Iterable[str]
 def percentiles(doc: dict[str, Any]) -> dict[float, float]:
     """An e2e_processing_latency document as {quantile: seconds}."""
     e2e = doc.get("e2e_processing_latency") or {}
+    if not e2e.get("count"):
+        return {}  # nothing finished in the window: no latency to show
     out = {}
     for p in e2e.get("percentiles") or ():
         if "quantile" in p and p.get("value") is not None:

@@ -3,7 +3,7 @@
 ``python -m pynsqd.docs`` rewrites the section of README.md between the
 ``BEGIN``/``END`` markers below (appending it if missing);
 ``python -m pynsqd.docs --check`` exits 1 when README.md is out of date.
-The tables come from ``flags_of(Options)`` for both daemons, so a flag added,
+The tables come from ``flags_of(Options)`` for the three daemons, so a flag added,
 renamed or re-defaulted in code shows up here or fails the check.
 """
 
@@ -62,6 +62,7 @@ def flag_table(flags: Sequence[Flag]) -> str:
 
 
 def flags_section() -> str:
+    from pynsqadmin.options import Options as AdminOptions
     from pynsqlookupd.options import Options as LookupdOptions
 
     return "\n".join(
@@ -79,6 +80,13 @@ def flags_section() -> str:
             "### `pynsqlookupd` flags",
             "",
             flag_table(flags_of(LookupdOptions)),
+            "",
+            "### `pynsqadmin` flags",
+            "",
+            "nsqadmin's flags, plus pynsqadmin's own (marked *pynsqadmin only*). Graphs come from pynsqadmin's own "
+            "sampling of every nsqd's `/stats`, so nsqadmin's graphite and statsd flags are accepted and ignored.",
+            "",
+            flag_table(flags_of(AdminOptions)),
             "",
             END,
         ]

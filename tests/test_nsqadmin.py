@@ -359,6 +359,15 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
         publish(nsqd, unique, [b"go"] * 4)
         assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=gch")[0] == 200
         publish(nsqd, unique, [b"go"] * 3)
+        with RawClient(nsqd.tcp_port) as consumer:  # one finished message: e2e latency to show
+            consumer.identify(heartbeat_interval=30000)
+            assert consumer.sub(unique, "gch").data == b"OK"
+            consumer.cmd(b"RDY", b"1")
+            msg_id = consumer.read_message()[2]
+            consumer.cmd(b"RDY", b"0")
+            consumer.cmd(b"FIN", msg_id)
+            consumer.cmd(b"CLS")
+            assert consumer.read_response().data == b"CLOSE_WAIT"
         admin = start_nsqadmin(f"--lookupd-http-address=127.0.0.1:{lookupd.http_port}")
         node = f"127.0.0.1:{nsqd.http_port}"
 
@@ -368,8 +377,8 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
 
         body = wait_for(topic_page, message="Go nsqd's topic on the page")
         row = body.split('data-channel="gch"', 1)[1].split("</tr>", 1)[0]
-        # the 4 held by the channel-less topic went to its first channel
-        assert re.sub("<[^>]+>", "", re.findall(r'<td class="num[^"]*">(.*?)</td>', row)[0]) == "7"
+        # the 4 held by the channel-less topic went to its first channel; 1 finished
+        assert re.sub("<[^>]+>", "", re.findall(r'<td class="num[^"]*">(.*?)</td>', row)[0]) == "6"
         assert "e2e p99" in body
         nodes = page(admin, "/nodes")[1]
         assert f'data-node="{node}" class="up"' in nodes and "1.3.0" in nodes
@@ -381,3 +390,13 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
         for d in (admin, nsqd, lookupd):
             if d is not None:
                 d.stop()
+
+
+def test_readme_starts_pynsqadmin_on_loopback():
+    text = (ROOT / "README.md").read_text()
+    run = text[text.index("<!-- run-command -->") :].split("```")[1]
+    assert ".venv/bin/pynsqadmin --http-address=127.0.0.1:4171 --lookupd-http-address=127.0.0.1:4161 &" in run
+    for name in ("topics", "topic", "channel", "nodes", "lookup"):
+        assert (ROOT / "docs" / f"nsqadmin-{name}.png").exists()
+        assert f"docs/nsqadmin-{name}.png" in text
+    assert "python -m pynsqadmin.screenshots docs/" in text

@@ -6,7 +6,6 @@ the whole module.  Screenshots of the main pages go to
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,48 +15,21 @@ import pytest
 
 from helpers import Daemon, RawClient, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
 
+from pynsqadmin.screenshots import chromium_paths, open_chromium, save_full_page
+
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-output" / "screenshots"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 try:
-    from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-    from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 except ImportError:  # pragma: no cover - the test extra installs it
-    webdriver = None
+    By = None
 
 pytestmark = pytest.mark.skipif(
-    webdriver is None or not CHROMIUM or not CHROMEDRIVER,
+    By is None or chromium_paths() is None,
     reason="needs selenium and Debian's chromium + chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does)",
 )
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1280,900",
-    "--hide-scrollbars",
-)
-
-
-def open_browser(profile: str) -> Any:
-    """Headless Chromium driven by the OS's chromedriver (never a downloaded one)."""
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={profile}")
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
 
 
 class Cluster:
@@ -88,7 +60,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def browser() -> Iterator[Any]:
     SHOTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        driver = open_browser(profile)
+        driver = open_chromium(profile)
         try:
             yield driver
         finally:
@@ -97,10 +69,7 @@ def browser() -> Iterator[Any]:
 
 def shoot(browser: Any, name: str) -> None:
     """A full-page screenshot for a person to look at."""
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1280, max(600, min(int(height), 2400)))
-    browser.save_screenshot(str(SHOTS / f"{name}.png"))
-    browser.set_window_size(1280, 900)
+    save_full_page(browser, SHOTS / f"{name}.png")
 
 
 def retry_stale(fn: Callable[[], Any]) -> Callable[[], Any]:

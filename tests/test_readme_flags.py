@@ -1,4 +1,4 @@
-"""README.md documents every flag of both daemons, generated from the options
+"""README.md documents every flag of the three daemons, generated from the options
 definitions: this fails when it drifts (fix: ``python -m pynsqd.docs``)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from pynsqd import docs
 from pynsqd.flags import flags_of
 from pynsqd.options import Options as NSQDOptions
+from pynsqadmin.options import Options as AdminOptions
 from pynsqlookupd.options import Options as LookupdOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,8 +26,9 @@ def test_readme_flag_tables_are_up_to_date() -> None:
 def test_every_visible_flag_is_documented_once_per_daemon() -> None:
     text = README.read_text(encoding="utf-8")
     section = text[text.index(docs.BEGIN) : text.index(docs.END)]
-    nsqd_part, lookupd_part = section.split("### `pynsqlookupd` flags")
-    for part, options in ((nsqd_part, NSQDOptions), (lookupd_part, LookupdOptions)):
+    nsqd_part, rest = section.split("### `pynsqlookupd` flags")
+    lookupd_part, admin_part = rest.split("### `pynsqadmin` flags")
+    for part, options in ((nsqd_part, NSQDOptions), (lookupd_part, LookupdOptions), (admin_part, AdminOptions)):
         for flag in flags_of(options):
             row = f"| `--{flag.name}` |"
             assert part.count(row) == (0 if flag.hidden else 1), flag.name
