@@ -15,6 +15,7 @@ import trio
 from pynsqd import log as logging
 from pynsqd import version_string
 from pynsqd.http_client import HTTPClientError, http_post
+from pynsqd.daemon import running
 from pynsqd.http_server import Request, serve_http
 from pynsqd.listener import listen_or_fail
 from pynsqd.log import get_logger
@@ -144,10 +145,6 @@ class NSQAdmin:
 @asynccontextmanager
 async def open_nsqadmin(options: Options | None = None, **kwargs: Any) -> AsyncIterator[NSQAdmin]:
     """An in-process nsqadmin for tests and embedding."""
-    admin = NSQAdmin(options if options is not None else Options(**kwargs))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(admin.run)
-        try:
-            yield admin
-        finally:
-            admin.shutdown()
+    daemon = NSQAdmin(options if options is not None else Options(**kwargs))  # type: ignore[arg-type]
+    async with running(daemon):
+        yield daemon

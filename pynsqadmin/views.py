@@ -94,12 +94,13 @@ class NodeRow:
 
 
 @attrs.define
-class ChannelRow:
+class Aggregate:
+    """A topic or channel added up over the nsqds that have it."""
+
     name: str
     totals: dict[str, int] = attrs.Factory(dict)
     node_rows: list[NodeRow] = attrs.Factory(list)
     paused_on: list[str] = attrs.Factory(list)
-    clients: list[dict[str, Any]] = attrs.Factory(list)  # each with "node" added
 
     @property
     def memory_depth(self) -> int:
@@ -108,33 +109,21 @@ class ChannelRow:
     @property
     def e2e(self) -> dict[float, float]:
         return worst_percentiles(r.doc for r in self.node_rows)
-
-    @property
-    def paused(self) -> bool:
-        return bool(self.paused_on)
 
 
 @attrs.define
-class TopicView:
-    name: str
-    totals: dict[str, int] = attrs.Factory(dict)
-    node_rows: list[NodeRow] = attrs.Factory(list)
+class ChannelRow(Aggregate):
+    clients: list[dict[str, Any]] = attrs.Factory(list)  # each with "node" added
+
+
+@attrs.define
+class TopicView(Aggregate):
     channels: dict[str, ChannelRow] = attrs.Factory(dict)
-    paused_on: list[str] = attrs.Factory(list)
     down: list[KnownNode] = attrs.Factory(list)
-    lookupd_channels: set[str] = attrs.Factory(set)
-
-    @property
-    def memory_depth(self) -> int:
-        return self.totals.get("depth", 0) - self.totals.get("backend_depth", 0)
-
-    @property
-    def e2e(self) -> dict[float, float]:
-        return worst_percentiles(r.doc for r in self.node_rows)
 
     @property
     def exists(self) -> bool:
-        return bool(self.node_rows or self.down or self.lookupd_channels)
+        return bool(self.node_rows or self.down)
 
 
 def _hostname(node: NodeState) -> str:

@@ -5,7 +5,8 @@ failure as one fatal line and exit code 1."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn, Protocol
 
 import trio
@@ -20,6 +21,18 @@ class Daemon(Protocol):
     async def run(self, *, task_status: Any = ...) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+@asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[Any]:
+    """A daemon serving in-process (tests, embedding) inside the block, shut
+    down on exit."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.shutdown()
 
 
 async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:

@@ -12,6 +12,7 @@ from functools import partial
 import trio
 
 from pynsqd import NSQ_VERSION, version_string
+from pynsqd.daemon import running
 from pynsqd.http_server import serve_http
 from pynsqd.listener import ListenError, listen_or_fail
 from pynsqd.log import get_logger
@@ -78,10 +79,6 @@ class NSQLookupd:
 async def open_nsqlookupd(options: Options | None = None, **kwargs: object) -> AsyncIterator[NSQLookupd]:
     """An in-process nsqlookupd for tests and embedding: serving inside the
     block, shut down on exit.  ``kwargs`` are :class:`Options` fields."""
-    lookupd = NSQLookupd(options if options is not None else Options(**kwargs))  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lookupd.run)
-        try:
-            yield lookupd
-        finally:
-            lookupd.shutdown()
+    daemon = NSQLookupd(options if options is not None else Options(**kwargs))  # type: ignore[arg-type]
+    async with running(daemon):
+        yield daemon

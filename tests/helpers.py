@@ -185,6 +185,15 @@ def start_nsqd(data_path: str, *extra: str, env: dict[str, str] | None = None) -
     return daemon
 
 
+def channel_stats(nsqd: Daemon, topic: str, channel: str) -> dict[str, Any]:
+    """One channel's entry in an nsqd's /stats."""
+    for t in nsqd.stats(topic)["topics"]:
+        for c in t["channels"]:
+            if c["channel_name"] == channel:
+                return c
+    raise AssertionError(f"{topic}/{channel} not on nsqd")
+
+
 def start_nsqlookupd(*extra: str) -> Daemon:
     daemon = Daemon([
         sys.executable, "-m", "pynsqlookupd",

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-from helpers import Daemon, RawClient, http_request, identify_and_upgrade, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
+from helpers import Daemon, RawClient, channel_stats, http_request, identify_and_upgrade, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_RE = re.compile(r'name="confirm" value="([0-9a-f]+)"')
@@ -73,14 +73,6 @@ def act(admin: Daemon, action: str, **target: str) -> tuple[int, dict[str, str],
     token = TOKEN_RE.search(body)
     assert token, body
     return post(admin, "/actions", {"action": action, **target, "confirm": html.unescape(token.group(1))})
-
-
-def nsqd_channel(nsqd: Daemon, topic: str, channel: str) -> dict:
-    for t in nsqd.stats(topic)["topics"]:
-        for c in t["channels"]:
-            if c["channel_name"] == channel:
-                return c
-    raise AssertionError(f"{topic}/{channel} not on nsqd")
 
 
 def publish(nsqd: Daemon, topic: str, bodies: list[bytes]) -> None:
@@ -208,17 +200,17 @@ def test_actions_need_post_confirmation_and_a_token(cluster, unique):
     # the first POST only asks
     status, _, body = post(cluster.admin, "/actions", {"action": "pause_channel", **target})
     assert status == 200 and "Pause channel “c”" in body and 'id="confirm"' in body
-    assert nsqd_channel(nsqd, unique, "c")["paused"] is False
+    assert channel_stats(nsqd, unique, "c")["paused"] is False
     # a forged confirmation (another site cannot know the token)
     assert post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": "0" * 64})[0] == 403
     # another site's form, even with a token
     token = TOKEN_RE.search(body).group(1)
     status, _, _ = post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": token}, {"Origin": "http://evil.example"})
     assert status == 403
-    assert nsqd_channel(nsqd, unique, "c")["paused"] is False
+    assert channel_stats(nsqd, unique, "c")["paused"] is False
     status, headers, _ = post(cluster.admin, "/actions", {"action": "pause_channel", **target, "confirm": token})
     assert status == 303 and headers["Location"] == f"/topics/{unique}/c?done=pause_channel"
-    assert nsqd_channel(nsqd, unique, "c")["paused"] is True
+    assert channel_stats(nsqd, unique, "c")["paused"] is True
     body = page(cluster.admin, headers["Location"])[1]
     assert "Channel paused." in body and 'data-action="unpause_channel"' in body
     # invalid names are refused before anything is asked of the cluster
@@ -244,7 +236,7 @@ def test_create_channel_through_lookupd_and_producers(cluster, unique):
     wait_for(lambda: cluster.lookupd.http("GET", f"/lookup?topic={unique}")[0] == 200, message="topic registered")
     status, headers, _ = act(cluster.admin, "create_channel", topic=unique, channel="made")
     assert status == 303, headers
-    assert nsqd_channel(cluster.nsqds[0], unique, "made")["depth"] == 0
+    assert channel_stats(cluster.nsqds[0], unique, "made")["depth"] == 0
     assert "made" in cluster.lookupd.json(f"/channels?topic={unique}")["channels"]
 
 
@@ -258,7 +250,7 @@ def test_read_only_admin_offers_and_takes_no_action(cluster, unique):
         status, body = page(ro, f"/topics/{unique}/ro")
         assert status == 200 and "<form" not in body and "read-only" in body
         assert post(ro, "/actions", {"action": "pause_channel", "topic": unique, "channel": "ro"})[0] == 403
-        assert nsqd_channel(nsqd, unique, "ro")["paused"] is False
+        assert channel_stats(nsqd, unique, "ro")["paused"] is False
     finally:
         ro.stop()
 
@@ -384,7 +376,7 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
         assert f'data-node="{node}" class="up"' in nodes and "1.3.0" in nodes
         status, headers, _ = act(admin, "pause_channel", topic=unique, channel="gch")
         assert status == 303
-        assert nsqd_channel(nsqd, unique, "gch")["paused"] is True
+        assert channel_stats(nsqd, unique, "gch")["paused"] is True
         assert page(admin, "/lookup")[0] == 200
     finally:
         for d in (admin, nsqd, lookupd):
@@ -400,3 +392,20 @@ def test_readme_starts_pynsqadmin_on_loopback():
         assert (ROOT / "docs" / f"nsqadmin-{name}.png").exists()
         assert f"docs/nsqadmin-{name}.png" in text
     assert "python -m pynsqadmin.screenshots docs/" in text
+
+
+async def test_the_sampler_feeds_the_history_in_process(cluster, unique):
+    """open_nsqadmin in-process; rounds driven by hand, no waiting on the clock."""
+    from pynsqadmin import open_nsqadmin
+
+    nsqd = cluster.nsqds[1]
+    async with open_nsqadmin(http_address="127.0.0.1:0", nsqd_http_addresses=[nsqd.http_address], sample_interval=3600.0) as admin:
+        assert admin.http_port > 0
+        publish(nsqd, unique, [b"s"] * 10)
+        await admin.sample_once()
+        publish(nsqd, unique, [b"s"] * 20)
+        await admin.sample_once()
+        series = admin.history.series(unique)
+        assert series is not None and series["depth"].last() == 30
+        assert admin.history.latest(unique, "", "rate") > 0
+        assert admin.samples >= 2

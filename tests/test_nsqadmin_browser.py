@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Daemon, RawClient, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
+from helpers import Daemon, RawClient, channel_stats, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
 
 from pynsqadmin.screenshots import chromium_paths, open_chromium, save_full_page
 
@@ -114,14 +114,6 @@ def text(browser: Any, css: str, timeout: float = 10) -> str:
 def publish(nsqd: Daemon, topic: str, count: int) -> None:
     status, body = nsqd.http("POST", f"/mpub?topic={topic}", b"\n".join(b"m%d" % i for i in range(count)))
     assert status == 200, body
-
-
-def channel_stats(nsqd: Daemon, topic: str, channel: str) -> dict:
-    for t in nsqd.stats(topic)["topics"]:
-        for c in t["channels"]:
-            if c["channel_name"] == channel:
-                return c
-    raise AssertionError(f"{topic}/{channel} not on nsqd")
 
 
 def no_console_errors(browser: Any) -> None:
