@@ -279,8 +279,13 @@ class AdminHTTP:
         down = self.down_nodes(snapshot, topic, complete=False)
         view = topic_view(snapshot, topic, down)
         history = self.admin.history
+        registered_only = False
         if not view.exists and history.series(topic) is None:
-            return self.message(404, "Topic not found", f"No nsqd has topic {topic!r}.", self.url(""))
+            # created through nsqlookupd, no nsqd has it yet: a page, not a 404
+            lookups = await self.cluster.each("GET", self.cluster.lookupd_addresses, "/lookup", {"topic": topic})
+            if not any(a.ok for a in lookups.values()):
+                return self.message(404, "Topic not found", f"No nsqd or nsqlookupd has topic {topic!r}.", self.url(""))
+            registered_only = True
         allowed = self.actions_allowed(req)
         return self.render(
             "topic.html",
@@ -292,6 +297,7 @@ class AdminHTTP:
             quantiles=sorted({q for row in view.node_rows for q in row.e2e} | {q for ch in view.channels.values() for q in ch.e2e}, reverse=True),
             charts=self.charts(topic, "", TOPIC_CHARTS),
             channel_rates={name: history.latest(topic, name, "rate") for name in view.channels},
+            registered_only=registered_only,
             actions_enabled=allowed,
             errors=snapshot.errors(),
             notice=self.notice(req),

@@ -149,6 +149,17 @@ def test_nodes_page_shows_each_nsqd_and_its_lookupd(cluster):
     assert page(cluster.admin, "/nodes/127.0.0.1:1")[0] == 404
 
 
+def test_topic_created_through_the_lookup_page(cluster, unique):
+    status, headers, _ = act(cluster.admin, "create_topic", topic=unique)
+    assert status == 303 and headers["Location"] == "/lookup?done=create_topic"
+    assert unique in cluster.lookupd.json("/topics")["topics"]
+    body = page(cluster.admin, "/")[1]
+    assert f'data-topic="{unique}"' in body
+    status, body = page(cluster.admin, f"/topics/{unique}")
+    assert status == 200 and "Registered in nsqlookupd only" in body
+    assert page(cluster.admin, "/topics/never_heard_of")[0] == 404
+
+
 def test_lookup_page_shows_registrations_and_tombstones(cluster, unique):
     for nsqd in cluster.nsqds:
         assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
