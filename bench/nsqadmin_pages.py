@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 import tracemalloc
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pynsqadmin.history import History  # noqa: E402
-from pynsqadmin.screenshots import Process, post  # noqa: E402
+from pynsqadmin.screenshots import LocalCluster, post  # noqa: E402
 
 
 def fake_stats(topics: int, channels: int, r: int) -> dict:
@@ -82,37 +81,20 @@ def main() -> int:
     print(f"history: {per_series:,.0f} bytes per topic/channel over a full 361-point window; "
           f"{round_ms:.1f} ms of CPU per sampling round of 2 nsqds x {args.topics * (args.channels + 1)} series")
 
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            lookupd = Process("pynsqlookupd", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1")
-            procs.append(lookupd)
-            nsqds = []
-            for i in range(2):
-                Path(tmp, str(i)).mkdir()
-                nsqds.append(Process("pynsqd", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1",
-                                     f"--data-path={Path(tmp, str(i))}", f"--lookupd-tcp-address=127.0.0.1:{lookupd.ports['TCP']}"))
-            procs += nsqds
-            for n in nsqds:
-                for t in range(args.topics):
-                    post(n.ports["HTTP"], f"/pub?topic=topic{t}", b"x")
-                    for c in range(args.channels):
-                        post(n.ports["HTTP"], f"/channel/create?topic=topic{t}&channel=ch{c}")
-            admin = Process("pynsqadmin", "--http-address=127.0.0.1:0", f"--lookupd-http-address=127.0.0.1:{lookupd.ports['HTTP']}",
-                            "--sample-interval=2s", kinds=("HTTP",))
-            procs.append(admin)
-            time.sleep(5)  # a few sampling rounds: graphs to draw
-            base = f"http://127.0.0.1:{admin.ports['HTTP']}"
-            print(f"\n{args.topics} topics x {args.channels} channels on 2 pynsqd, 1 pynsqlookupd; {args.requests} requests per page\n")
-            print("| page | median ms | p90 ms |\n|---|---:|---:|")
-            for name, path in (("topics", "/"), ("topic", "/topics/topic0"), ("channel", "/topics/topic0/ch0"), ("nodes", "/nodes"), ("lookup", "/lookup")):
-                median, p90 = time_page(base + path, args.requests)
-                print(f"| {name} `{path}` | {median:.1f} | {p90:.1f} |")
-            rss = next(line for line in Path(f"/proc/{admin.proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
-            print(f"\npynsqadmin {rss.split(':')[1].strip()} RSS")
-        finally:
-            for p in reversed(procs):
-                p.stop()
+    with LocalCluster(2, admin_flags=["--sample-interval=2s"]) as cluster:
+        for n in cluster.nsqds:
+            for t in range(args.topics):
+                post(n.ports["HTTP"], f"/pub?topic=topic{t}", b"x")
+                for c in range(args.channels):
+                    post(n.ports["HTTP"], f"/channel/create?topic=topic{t}&channel=ch{c}")
+        time.sleep(5)  # a few sampling rounds: graphs to draw
+        print(f"\n{args.topics} topics x {args.channels} channels on 2 pynsqd, 1 pynsqlookupd; {args.requests} requests per page\n")
+        print("| page | median ms | p90 ms |\n|---|---:|---:|")
+        for name, path in (("topics", "/"), ("topic", "/topics/topic0"), ("channel", "/topics/topic0/ch0"), ("nodes", "/nodes"), ("lookup", "/lookup")):
+            median, p90 = time_page(cluster.url + path, args.requests)
+            print(f"| {name} `{path}` | {median:.1f} | {p90:.1f} |")
+        rss = next(line for line in Path(f"/proc/{cluster.admin.proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+        print(f"\npynsqadmin {rss.split(':')[1].strip()} RSS")
     return 0
 
 

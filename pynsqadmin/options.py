@@ -78,10 +78,13 @@ class Options(DaemonOptions):
         10.0, flag="sample-interval", kind="duration", help="how often every nsqd's /stats is sampled for the graphs (pynsqadmin only)"
     )
     history_duration: float = flag_field(
-        3600.0, flag="history", kind="duration", help="how far back the graphs go; memory is bounded by history / sample-interval points (pynsqadmin only)"
+        3600.0,
+        flag="history",
+        kind="duration",
+        help="how far back the graphs go; each topic and channel keeps history / sample-interval points of 16 bytes (pynsqadmin only)",
     )
     history_max_series: int = flag_field(
-        20000,
+        10000,
         flag="history-max-series",
         kind="int",
         help="most topics + channels whose history is kept; beyond it new ones are not graphed (pynsqadmin only)",

@@ -61,6 +61,56 @@ class Process:
             self.proc.wait(30)
 
 
+class LocalCluster:
+    """pynsqlookupd + ``nsqds`` pynsqd (data in a temporary directory) + a
+    pynsqadmin, all on loopback ports chosen by the OS; ``with`` stops them."""
+
+    def __init__(self, nsqds: int, *nsqd_flags: str, admin_flags: Sequence[str] = ()) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.procs: list[Process] = []
+        try:
+            self.lookupd = self._start("pynsqlookupd", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1")
+            self.nsqds = [
+                self._start(
+                    "pynsqd",
+                    "--tcp-address=127.0.0.1:0",
+                    "--http-address=127.0.0.1:0",
+                    "--broadcast-address=127.0.0.1",
+                    f"--data-path={self._data_dir(i)}",
+                    f"--lookupd-tcp-address=127.0.0.1:{self.lookupd.ports['TCP']}",
+                    *nsqd_flags,
+                )
+                for i in range(nsqds)
+            ]
+            lookupd_http = f"--lookupd-http-address=127.0.0.1:{self.lookupd.ports['HTTP']}"
+            self.admin = self._start("pynsqadmin", "--http-address=127.0.0.1:0", lookupd_http, *admin_flags, kinds=("HTTP",))
+        except BaseException:
+            self.close()
+            raise
+        self.url = f"http://127.0.0.1:{self.admin.ports['HTTP']}"
+
+    def _data_dir(self, i: int) -> Path:
+        path = Path(self._tmp.name, f"nsqd{i}")
+        path.mkdir()
+        return path
+
+    def _start(self, module: str, *args: str, kinds: Sequence[str] = ("TCP", "HTTP")) -> Process:
+        proc = Process(module, *args, kinds=kinds)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def post(port: int, path: str, body: bytes = b"") -> None:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
     urllib.request.urlopen(req, timeout=10).read()
@@ -165,29 +215,10 @@ def take(directory: Path, traffic_seconds: float) -> list[Path]:
         raise SystemExit("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
     directory.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
-    procs: list[Process] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with LocalCluster(3, "--e2e-processing-latency-percentile=0.99,0.5", admin_flags=["--sample-interval=1s"]) as cluster, \
+            tempfile.TemporaryDirectory() as profile:
         try:
-            lookupd = Process("pynsqlookupd", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1")
-            procs.append(lookupd)
-            nsqds = []
-            for i in range(3):
-                Path(tmp, f"nsqd{i}").mkdir()
-                nsqds.append(
-                    Process(
-                        "pynsqd",
-                        "--tcp-address=127.0.0.1:0",
-                        "--http-address=127.0.0.1:0",
-                        "--broadcast-address=127.0.0.1",
-                        f"--data-path={Path(tmp, f'nsqd{i}')}",
-                        f"--lookupd-tcp-address=127.0.0.1:{lookupd.ports['TCP']}",
-                        "--e2e-processing-latency-percentile=0.99,0.5",
-                    )
-                )
-            procs += nsqds
-            admin = Process("pynsqadmin", "--http-address=127.0.0.1:0", f"--lookupd-http-address=127.0.0.1:{lookupd.ports['HTTP']}", "--sample-interval=1s", kinds=("HTTP",))
-            procs.append(admin)
-            http = [n.ports["HTTP"] for n in nsqds]
+            http = [n.ports["HTTP"] for n in cluster.nsqds]
             for port in http[:2]:
                 post(port, "/topic/create?topic=orders")
                 post(port, "/topic/create?topic=clicks")
@@ -196,18 +227,18 @@ def take(directory: Path, traffic_seconds: float) -> list[Path]:
                 post(port, "/channel/create?topic=clicks&channel=analytics")
             post(http[0], "/channel/pause?topic=clicks&channel=analytics")
             post(http[2], "/pub?topic=audit", b"x")
-            worker = threading.Thread(target=slow_consumer, args=(nsqds[0].ports["TCP"], "orders", "billing", stop, 40.0), daemon=True)
+            worker = threading.Thread(target=slow_consumer, args=(cluster.nsqds[0].ports["TCP"], "orders", "billing", stop, 40.0), daemon=True)
             worker.start()
             publisher = threading.Thread(target=publish_until, args=(http[:2], stop), daemon=True)
             publisher.start()
             time.sleep(traffic_seconds)
-            nsqds[2].stop(kill=True)  # shown as down on the nodes page
+            cluster.nsqds[2].stop(kill=True)  # shown as down on the nodes page
             time.sleep(2)
-            browser = open_chromium(Path(tmp, "chromium"))
+            browser = open_chromium(profile)
             saved = []
             try:
                 for name, path in PAGES.items():
-                    browser.get(f"http://127.0.0.1:{admin.ports['HTTP']}{path}")
+                    browser.get(cluster.url + path)
                     out = directory / f"nsqadmin-{name}.png"
                     save_full_page(browser, out)
                     saved.append(out)
@@ -216,8 +247,6 @@ def take(directory: Path, traffic_seconds: float) -> list[Path]:
             return saved
         finally:
             stop.set()
-            for proc in reversed(procs):
-                proc.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
