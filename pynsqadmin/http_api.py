@@ -417,8 +417,9 @@ class AdminHTTP:
         origin = req.header(b"origin")
         if origin is None:  # not a browser, or an old one: the token still guards
             return True
-        host = (req.header(b"host") or b"").decode("latin-1")
-        return urlsplit(origin.decode("latin-1")).netloc == host
+        # behind a reverse proxy the browser's host may be in X-Forwarded-Host
+        hosts = {(req.header(name) or b"").decode("latin-1") for name in (b"host", b"x-forwarded-host")}
+        return urlsplit(origin.decode("latin-1")).netloc in hosts - {""}
 
     async def action(self, req: Request) -> Response:
         if not self.actions_allowed(req):

@@ -47,6 +47,9 @@ class NSQAdmin:
         self.http_port = 0
         self.samples = 0  # sampling rounds done
         self.last_sample_seconds = 0.0
+        # what the last round saw, so that changes are logged once
+        self._up: set[str] = set()
+        self._lookupds_failing: set[str] = set()
         self._cancel_scope = trio.CancelScope()
         self._notify_send, self._notify_receive = trio.open_memory_channel[dict[str, Any]](NOTIFY_BACKLOG)
         self._log = get_logger()
@@ -78,6 +81,19 @@ class NSQAdmin:
         self.nodes.update(snapshot)
         self.samples += 1
         self.last_sample_seconds = trio.current_time() - started
+        up = {addr for addr, node in snapshot.nodes.items() if node.up}
+        for addr in sorted(self._up - up):
+            node = snapshot.nodes.get(addr)
+            self._log.warning("nsqd down", node=addr, error=node.error if node else "no longer registered with any nsqlookupd")
+        for addr in sorted(up - self._up):
+            self._log.info("nsqd up", node=addr)
+        self._up = up
+        failing = {a.address for a in snapshot.lookupds.values() if not a.ok}
+        for addr in sorted(failing - self._lookupds_failing):
+            self._log.warning("nsqlookupd unreachable", lookupd=addr, error=snapshot.lookupds[addr].error)
+        for addr in sorted(self._lookupds_failing - failing):
+            self._log.info("nsqlookupd reachable again", lookupd=addr)
+        self._lookupds_failing = failing
         if self.history.untracked:
             self._log.warning("history full, topics/channels not graphed", untracked=self.history.untracked, max_series=self.options.history_max_series)
 

@@ -276,6 +276,7 @@ def test_down_nodes_are_marked_and_the_rest_renders(cluster, tmp_path, unique):
     finally:
         doomed.kill()
     # kill -9: lookupd drops it at once; pynsqadmin remembers and marks it
+    wait_for(lambda: any("nsqd down" in line and address in line for line in cluster.admin.lines), message="the sampler's log line")
     status, body = page(cluster.admin, "/nodes")
     assert status == 200
     row = body.split(f'data-node="{address}"', 1)[1].split("</tr>", 1)[0]
