@@ -273,6 +273,7 @@ def test_down_nodes_are_marked_and_the_rest_renders(cluster, tmp_path, unique):
         publish(cluster.nsqds[0], unique, [b"m"])
         address = f"127.0.0.1:{doomed.http_port}"
         wait_for(lambda: f'data-node="{address}" class="up"' in page(cluster.admin, "/nodes")[1], message="node up")
+        wait_for(lambda: any("nsqd up" in line and address in line for line in cluster.admin.lines), message="the sampler seeing it")
     finally:
         doomed.kill()
     # kill -9: lookupd drops it at once; pynsqadmin remembers and marks it
