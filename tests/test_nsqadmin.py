@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import html
 import http.client
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -264,6 +266,61 @@ def test_read_only_admin_offers_and_takes_no_action(cluster, unique):
         assert channel_stats(nsqd, unique, "ro")["paused"] is False
     finally:
         ro.stop()
+
+
+def test_admin_users_and_notifications(cluster, unique):
+    """--admin-user: only the users a proxy names in --acl-http-header act;
+    --notification-http-endpoint gets nsqadmin's JSON for each action."""
+    received: list[dict] = []
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    nsqd = cluster.nsqds[0]
+    assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+    admin = start_nsqadmin(
+        f"--nsqd-http-address={nsqd.http_address}",
+        "--admin-user=alice",
+        f"--notification-http-endpoint=http://127.0.0.1:{server.server_address[1]}/actions",
+    )
+    try:
+        status, body = page(admin, f"/topics/{unique}")
+        assert status == 200 and "<form" not in body
+        assert post(admin, "/actions", {"action": "pause_topic", "topic": unique})[0] == 403
+        alice = {"X-Forwarded-User": "alice"}
+        assert 'data-action="pause_topic"' in page(admin, f"/topics/{unique}", alice)[1]
+        status, _, body = post(admin, "/actions", {"action": "pause_topic", "topic": unique}, alice)
+        token = TOKEN_RE.search(body).group(1)
+        status, _, _ = post(admin, "/actions", {"action": "pause_topic", "topic": unique, "confirm": token}, {**alice, "User-Agent": "test-browser"})
+        assert status == 303 and nsqd.stats(unique)["topics"][0]["paused"] is True
+        wait_for(lambda: received, message="the notification")
+        event = received[0]
+        assert {k: event[k] for k in ("action", "topic", "channel", "node", "user", "remote_ip", "user_agent")} == {
+            "action": "pause_topic", "topic": unique, "channel": "", "node": "", "user": "alice", "remote_ip": "127.0.0.1", "user_agent": "test-browser",
+        }
+        assert isinstance(event["timestamp"], int) and event["url"].endswith("/actions")
+    finally:
+        admin.stop()
+        server.shutdown()
+
+
+def test_ephemeral_names_in_urls(cluster, unique):
+    nsqd = cluster.nsqds[0]
+    with RawClient(nsqd.tcp_port) as client:
+        client.identify(heartbeat_interval=30000)
+        assert client.sub(unique, "tmp#ephemeral").data == b"OK"
+        status, body = page(cluster.admin, f"/topics/{unique}")
+        assert status == 200 and f'href="/topics/{unique}/tmp%23ephemeral"' in body
+        status, body = page(cluster.admin, f"/topics/{unique}/tmp%23ephemeral")
+        assert status == 200 and "tmp#ephemeral" in body
 
 
 def test_down_nodes_are_marked_and_the_rest_renders(cluster, tmp_path, unique):

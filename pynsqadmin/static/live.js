@@ -8,6 +8,15 @@
   var content = document.getElementById("content");
   var live = document.getElementById("live");
   var toggle = document.getElementById("live-toggle");
+  // the notice of a finished action is shown once, not on every refresh
+  if (window.URLSearchParams && window.history.replaceState) {
+    var params = new URLSearchParams(window.location.search);
+    if (params.has("done")) {
+      params.delete("done");
+      var query = params.toString();
+      window.history.replaceState(null, "", window.location.pathname + (query ? "?" + query : ""));
+    }
+  }
   if (!every || !content || !window.fetch || !window.DOMParser) return;
   if (document.querySelector("form.confirm")) return;  // never refresh a confirmation away
   var paused = false;
