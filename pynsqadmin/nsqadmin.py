@@ -99,10 +99,12 @@ class NSQAdmin:
 
     async def _sampler(self) -> None:
         interval = self.options.sample_interval
+        # a round is bounded, but long enough for its two request stages to
+        # time out: one hung nsqd then costs late points, not every point
+        budget = max(interval, 2 * self.options.http_client_request_timeout)
         next_at = trio.current_time()
         while True:
-            # a round never outlives its interval: a hung nsqd costs one point
-            with trio.move_on_after(interval):
+            with trio.move_on_after(budget):
                 await self.sample_once()
             next_at += interval
             now = trio.current_time()
