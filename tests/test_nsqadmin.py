@@ -11,9 +11,11 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -342,20 +344,31 @@ def test_down_nodes_are_marked_and_the_rest_renders(cluster, tmp_path, unique):
     status, body = page(cluster.admin, f"/topics/{unique}")
     assert status == 200 and f"127.0.0.1:{cluster.nsqds[0].http_port}" in body
     assert "badge down" in body.split(address, 1)[1][:200]
-    # an nsqlookupd and an nsqd that never answer: marked, the page still renders
+    # an nsqlookupd that refuses, an nsqd gone and one that hangs (accepts,
+    # never answers): each marked, the page rendered once the timeout passes
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
     with_dead = start_nsqadmin(
         f"--lookupd-http-address={cluster.lookupd.http_address}",
-        f"--lookupd-http-address={address.replace(str(doomed.http_port), '1')}",
+        "--lookupd-http-address=127.0.0.1:1",
         f"--nsqd-http-address={address}",
+        f"--nsqd-http-address={hung_address}",
+        "--http-client-request-timeout=1s",
     )
     try:
+        started = time.monotonic()
         status, body = page(with_dead, "/")
+        assert time.monotonic() - started < 10
         assert status == 200 and f'data-topic="{unique}"' in body
         assert 'role="alert">nsqlookupd 127.0.0.1:1:' in body and f'role="alert">nsqd {address}:' in body
+        assert f'role="alert">nsqd {hung_address}: GET' in body and "timed out" in body
         status, body = page(with_dead, "/nodes")
         assert status == 200 and 'badge down">down' in body
     finally:
         with_dead.stop()
+        hung.close()
 
 
 # ---------------------------------------------------------------- the daemon
