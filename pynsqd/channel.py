@@ -420,7 +420,9 @@ class Channel:
         """Requeue expired in-flight messages and release due deferred ones.
 
         Returns the next time this must run (``inf`` if nothing is pending)."""
-        touched: set[ClientV2] = set()
+        # insertion-ordered (a set of clients would order by address): the
+        # same timeouts must hand out messages in the same order every run
+        touched: dict[ClientV2, None] = {}
         in_flight = self.in_flight
         expired: list[Message] = []
         for flight in self._flights.values():
@@ -443,7 +445,7 @@ class Channel:
             client = msg.client
             if client is not None:
                 client.message_done()
-                touched.add(client)
+                touched[client] = None
             self._requeue(msg)
             requeued = True
         dheap = self._deferred_heap
