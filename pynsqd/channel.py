@@ -113,38 +113,67 @@ class Channel:
 
     # ------------------------------------------------------------ putting
 
-    def put_messages(self, msgs: list[Message]) -> None:
-        """Messages arriving from the topic (raises BackendError if the
-        overflow cannot be stored)."""
+    def put_messages(self, msgs: list[Message], mark: int | None = None) -> None:
+        """Messages arriving from the topic, all or none: raises BackendError
+        (nothing accepted) if what must go to disk cannot be stored.  ``mark``:
+        the batch is the topic's backlog up to that position (durable mode)."""
         if self.exiting:
             raise ChannelExiting(self.name)
-        self.message_count += len(msgs)
-        now = None
+        if self.durable:
+            self._put_durable(msgs, mark)
+            return
         plain = msgs
+        deferred = None
         if any(m.deferred for m in msgs):
-            now = self._clock()
-            plain = []
-            for m in msgs:
-                if m.deferred:
-                    self._defer(m, now + m.deferred)
-                    m.deferred = 0.0
-                else:
-                    plain.append(m)
+            plain = [m for m in msgs if not m.deferred]
+            deferred = [m for m in msgs if m.deferred]
         if plain:
             self._enqueue(plain)
+        self.message_count += len(msgs)
+        if deferred:
+            now = self._clock()
+            for m in deferred:
+                self._defer(m, now + m.deferred)
+                m.deferred = 0.0
+        if plain:
             self._pump()
 
+    def _put_durable(self, msgs: list[Message], mark: int | None) -> None:
+        """--sync-every=1: every message to disk, a deferred one with its due
+        time in the queue's journal (read back into the deferred heap)."""
+        notes = None
+        if any(m.deferred for m in msgs):
+            now = time.time_ns()
+            notes = [now + int(m.deferred * 1e9) if m.deferred else 0 for m in msgs]
+        self.backend.put_many([m.encode() for m in msgs], notes=notes, mark=mark)  # type: ignore[call-arg]
+        self.message_count += len(msgs)
+        self._pump()
+
     def _enqueue(self, msgs: list[Message]) -> None:
-        """Into memory up to mem-queue-size, the rest to the backend."""
+        """Into memory up to mem-queue-size, the rest to the backend (written
+        first, so that a failure leaves nothing half-accepted)."""
         mem = self.memory
         room = self.mem_queue_size - len(mem)
         if room >= len(msgs):
             mem.extend(msgs)
             return
         if room > 0:
+            self.backend.put_many([m.encode() for m in msgs[room:]])
             mem.extend(msgs[:room])
-            msgs = msgs[room:]
-        self.backend.put_many([m.encode() for m in msgs])
+        else:
+            self.backend.put_many([m.encode() for m in msgs])
+
+    def take_stalled(self, msgs: list[Message]) -> None:
+        """Shutdown: messages the topic still owed this channel (its disk was
+        full) go to memory, whatever its bound, to be flushed with the rest."""
+        self.message_count += len(msgs)
+        now = self._clock()
+        for m in msgs:
+            if m.deferred:
+                self._defer(m, now + m.deferred)
+                m.deferred = 0.0
+            else:
+                self.memory.append(m)
 
     def _requeue(self, msg: Message) -> None:
         """A message back from a client (REQ 0, timeout, disconnect)."""
@@ -153,16 +182,17 @@ class Channel:
             self.memory.append(msg)
             return
         try:
-            self.backend.put(msg.encode())
+            if msg.token is not None:
+                # stored again at the tail, the old record let go (durably
+                # one or the other, whenever a crash comes)
+                self.backend.put_again([msg.encode()], [msg.token])  # type: ignore[attr-defined]
+                msg.token = None
+            else:
+                self.backend.put(msg.encode())
         except Exception:
             # keep it rather than lose it: memory may exceed its bound briefly
             log.warning("backend write failed on requeue, keeping message in memory", channel=self.name, topic=self.topic_name)
             self.memory.append(msg)
-            return
-        if msg.token is not None:
-            # stored again at the tail: the old record is no longer needed
-            self.backend.ack(msg.token)  # type: ignore[attr-defined]
-            msg.token = None
 
     # ------------------------------------------------------------ delivery
 
@@ -175,9 +205,10 @@ class Channel:
             if use_backend:
                 self._backend_turn = False
                 token = None
+                note = 0
                 if self.durable:
                     item = backend.get_tracked()  # type: ignore[attr-defined]
-                    data, token = item if item is not None else (None, None)
+                    data, token, note = item if item is not None else (None, None, 0)
                 else:
                     data = backend.get()
                 if data is None:
@@ -192,6 +223,12 @@ class Channel:
                         backend.ack(token)  # type: ignore[attr-defined]
                     continue
                 msg.token = token
+                if note:
+                    # a due time from the journal (DPUB, REQ with a delay)
+                    remaining = (note - time.time_ns()) / 1e9
+                    if remaining > 0:
+                        self._defer(msg, self._clock() + remaining, noted=True)
+                        continue
                 if self.pending_deferrals:
                     due = self.pending_deferrals.pop(msg.id, None)
                     if due is not None:
@@ -402,7 +439,11 @@ class Channel:
 
     # ------------------------------------------------------------ deferred
 
-    def _defer(self, msg: Message, due: float) -> None:
+    def _defer(self, msg: Message, due: float, noted: bool = False) -> None:
+        if msg.token is not None and not noted:
+            # durable mode: the record on disk learns its due time
+            wall = time.time_ns() + int((due - self._clock()) * 1e9)
+            self.backend.set_note(msg.token, wall)  # type: ignore[attr-defined]
         msg.client = None
         msg.due = due
         self.deferred[msg.id] = msg
@@ -533,8 +574,7 @@ class Channel:
         now_wall = time.time_ns()
         now = self._clock()
         deferrals = dict(self.pending_deferrals)
-        for msg in self.deferred.values():
-            deferrals[msg.id] = now_wall + max(0, int((msg.due - now) * 1e9))
+        due = {m.id: now_wall + max(0, int((m.due - now) * 1e9)) for m in self.deferred.values()}
         msgs = list(self.in_flight.values()) + list(self.memory) + list(self.deferred.values())
         self.in_flight.clear()
         self._flights.clear()
@@ -542,12 +582,15 @@ class Channel:
         self.memory.clear()
         self.deferred.clear()
         self._deferred_heap.clear()
-        if msgs:
-            self.backend.put_many([m.encode() for m in msgs])
-            for m in msgs:
-                if m.token is not None:
-                    self.backend.ack(m.token)  # type: ignore[attr-defined]
-                    m.token = None
+        if not msgs:
+            return deferrals
+        if self.durable:
+            # each stored again with its due time in the journal, its old record let go
+            notes = [due.get(m.id, 0) for m in msgs]
+            self.backend.put_again([m.encode() for m in msgs], [m.token for m in msgs], notes)  # type: ignore[attr-defined]
+            return deferrals
+        self.backend.put_many([m.encode() for m in msgs])
+        deferrals.update(due)
         return deferrals
 
     def stats(self, include_clients: bool = True) -> dict[str, object]:

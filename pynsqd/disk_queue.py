@@ -23,8 +23,13 @@ Tracked reads (``track_acks=True``, pynsqd's ``--sync-every=1`` mode): a
 record read with ``get_tracked()`` stays on disk until it is ``ack()``-ed:
 the persisted read position is that of the oldest unacknowledged record, so
 after a crash every message that was in flight comes back (with the attempts
-``set_attempts()`` wrote into its record in place).  Records acknowledged
-after an older unacknowledged one may come back too: at least once.
+``set_attempts()`` wrote into its record in place).  What the metadata cannot
+hold goes into the queue's journal (``queue_journal.py``), made durable by
+the same sync: acknowledgements after an older unacknowledged record (those
+records are skipped after a crash), a number kept per record (``notes``: due
+times), records stored again (``put_again()``), and how far a topic's backlog
+was copied into this queue (``mark``, with a crash in the middle of a copy
+detected and its remains skipped).  A token is the record's position key.
 
 Recovery does not trust the metadata beyond the read position: at start every
 unread file is scanned, so depth, the write position and a torn or corrupt
@@ -45,6 +50,7 @@ from collections import deque
 from itertools import chain
 from typing import Any, Callable
 
+from . import queue_journal as qj
 from .backend_queue import BackendError
 from .log import get_logger
 
@@ -53,6 +59,7 @@ _ATTEMPTS = struct.Struct(">H")
 _READ_CHUNK = 64 * 1024  # per pread while serving get(); freed once consumed
 _SCAN_CHUNK = 1024 * 1024  # per pread while scanning at start
 _PROBE_LIMIT = 4096  # beyond this many file numbers, list the directory instead of probing
+_JOURNAL_COMPACT_MIN = 1 << 20  # journal bytes before compaction is considered
 _META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n?\s*\Z")
 
 _Meta = tuple[int, int, int, int, int]  # depth, read file, read pos, write file, write pos
@@ -114,12 +121,18 @@ class DiskQueue:
         self._write_failed = False
         self._sync_failed = False
         self._closed = False
-        # tracked reads: [token, file, pos, acked] in read order; the first is
+        # tracked reads: [key, acked, id, note] in read order; the first is
         # the oldest unacknowledged record (acked ones are popped off the left)
         self.track_acks = track_acks
         self._tokens: dict[int, list[Any]] = {}
         self._outstanding: deque[list[Any]] = deque()
-        self._next_token = 0
+        # the journal (tracked reads only) and what it says about unread records
+        self._journal: qj.QueueJournal | None = None
+        self._journal_limit = _JOURNAL_COMPACT_MIN
+        self._skip: dict[int, bytes] = {}  # key -> id: finished before a crash
+        self._skip_range: tuple[int, int] | None = None  # remains of a copy a crash cut short
+        self._notes: dict[int, tuple[bytes, int]] = {}  # key -> (id, note)
+        self.mark = -1  # topic position key up to which batches were copied here
         self._last_read = (0, 0)  # (file, pos) of the record get() returned last
         self._read_past: list[tuple[int, bool]] = []  # files read past, kept until committed past
         self._patch_fds: dict[int, int] = {}  # files whose attempts fields we rewrite
@@ -129,8 +142,12 @@ class DiskQueue:
         self._fsync: Callable[[int], None] = os.fsync
         try:
             self._recover()
+            if track_acks:
+                self._open_journal()
         except OSError as e:
             self._close_files()
+            if self._journal is not None:
+                self._journal.close()
             raise BackendError(f"diskqueue {name}: cannot open: {e}") from e
 
     # ------------------------------------------------------------------ state
@@ -175,16 +192,48 @@ class DiskQueue:
         else:
             self._write([(self._wfn, self._wpos, _LEN.pack(n) + data)], 1)
 
-    def put_many(self, items: list[bytes]) -> None:
+    def put_many(self, items: list[bytes], notes: list[int] | None = None, mark: int | None = None) -> None:
+        """Append ``items`` all or none.  With tracked reads, ``notes`` (one per
+        item, 0 for none) are kept for ``get_tracked()``, and ``mark`` says the
+        items are a batch copied from a topic up to that topic position key:
+        the journal learns both before the data is written."""
+        lens = self._check_sizes(items)
+        if not lens:
+            return
+        if (notes is not None or mark is not None) and self._journal is not None:
+            self._put_journaled(items, lens, notes, mark, None)
+            return
+        self._put_lens(items, lens)
+
+    def put_again(self, items: list[bytes], tokens: list[int | None], notes: list[int] | None = None) -> None:
+        """Store records again at the tail (REQ, timeout, shutdown), each in
+        place of the unacknowledged record read with its token (None: none).
+        An old record counts as finished once its copy is on disk, so a crash
+        in between leaves exactly one of the two.  ``notes`` as in put_many."""
+        lens = self._check_sizes(items)
+        if not lens:
+            return
+        if self._journal is None:
+            self._put_lens(items, lens)
+            for token in tokens:
+                if token is not None:
+                    self.ack(token)
+            return
+        self._put_journaled(items, lens, notes, None, tokens)
+
+    def _check_sizes(self, items: list[bytes]) -> list[int]:
         if self._closed:
             raise BackendError("diskqueue closed")
         if not items:
-            return
+            return []
         lens = list(map(len, items))
         lo, hi = min(lens), max(lens)
         if lo < self._min or hi > self._max:
             bad = lo if lo < self._min else hi
             raise BackendError(f"invalid message write size ({bad}) minMsgSize={self._min} maxMsgSize={self._max}")
+        return lens
+
+    def _put_lens(self, items: list[bytes], lens: list[int]) -> None:
         total = sum(lens) + 4 * len(lens)
         if self._wpos + total <= self._max_bytes:
             # common case, no roll: one bytes object, one write
@@ -192,6 +241,58 @@ class DiskQueue:
             self._write([(self._wfn, self._wpos, data)], len(items))
         else:
             self._write(self._split(items, lens), len(items))
+
+    def _put_journaled(
+        self, items: list[bytes], lens: list[int], notes: list[int] | None, mark: int | None, replaced: list[int | None] | None
+    ) -> None:
+        """The journal first (facts checked against the data on recovery), then the data."""
+        keys = self._keys(lens)
+        entry = qj.entry
+        facts = []
+        if mark is not None:
+            facts.append(entry(qj.INTENT, keys[0], items[0][10:26], keys[-1], items[-1][10:26], mark))
+        if replaced is not None:
+            tokens = self._tokens
+            facts.extend(
+                entry(qj.REQUEUE, t, tokens[t][2], k) for t, k in zip(replaced, keys) if t is not None and t in tokens
+            )
+        if notes is not None:
+            facts.extend(entry(qj.NOTE, k, item[10:26], n) for k, item, n in zip(keys, items, notes) if n)
+        self._journal_now(b"".join(facts))
+        self._put_lens(items, lens)
+        if notes is not None:
+            for k, item, n in zip(keys, items, notes):
+                if n:
+                    self._notes[k] = (item[10:26], n)
+        if mark is not None and mark > self.mark:
+            self.mark = mark
+            self._journal_add(entry(qj.MARK, mark))
+        if replaced is not None:
+            for t in replaced:
+                if t is not None:
+                    self._ack(t, journal=False)
+
+    def reset_mark(self) -> None:
+        """Forget how far a topic's backlog was copied here (it does not match the topic)."""
+        self.mark = -1
+        if self._journal is not None:
+            self._journal_add(qj.entry(qj.MARK, -1))
+
+    def _keys(self, lens: list[int]) -> list[int]:
+        """Position keys the records of a batch will get (as ``_split`` cuts it)."""
+        num, pos = self._wfn, self._wpos
+        out = []
+        for n in lens:
+            size = 4 + n
+            if pos > 0 and pos + size > self._max_bytes:
+                num, pos = num + 1, 0
+            out.append(qj.key(num, pos))
+            pos += size
+        return out
+
+    def end_key(self) -> int:
+        """The position key the next record will get (at least)."""
+        return qj.key(self._wfn, self._wpos)
 
     def _split(self, items: list[bytes], lens: list[int]) -> list[tuple[int, int, bytes]]:
         """Cut a batch at file boundaries: [(file, offset, bytes)], one write per file."""
@@ -305,31 +406,86 @@ class DiskQueue:
                 return buf[off + 4 : end]
         return self._get_slow()
 
-    def get_tracked(self) -> tuple[bytes, int] | None:
-        """Like ``get()``, plus a token: the record stays durable until ``ack(token)``."""
-        data = self.get()
-        if data is None:
-            return None
-        rfn, rpos = self._last_read
-        token = self._next_token
-        self._next_token = token + 1
-        entry = [token, rfn, rpos, False]
-        self._tokens[token] = entry
-        self._outstanding.append(entry)
-        return data, token
+    def get_tracked(self) -> tuple[bytes, int, int] | None:
+        """Like ``get()``, plus a token and the record's note (0 if none): the
+        record stays durable until ``ack(token)``.  Records the journal says
+        were finished (or are remains of a cut-short copy) are passed over."""
+        while True:
+            data = self.get()
+            if data is None:
+                return None
+            rfn, rpos = self._last_read
+            token = (rfn << qj.POS_BITS) | rpos
+            msg_id = data[10:26]
+            if (self._skip or self._skip_range is not None) and self._skipped(token, msg_id):
+                continue
+            note = 0
+            if self._notes:
+                kept = self._notes.pop(token, None)
+                if kept is not None and kept[0] == msg_id:
+                    note = kept[1]
+            entry = [token, False, msg_id, note]
+            self._tokens[token] = entry
+            self._outstanding.append(entry)
+            return data, token, note
+
+    def _skipped(self, token: int, msg_id: bytes) -> bool:
+        done = self._skip.pop(token, None)
+        if done is not None:
+            return done == msg_id
+        span = self._skip_range
+        if span is not None:
+            if token >= span[1]:
+                self._skip_range = None
+            elif token >= span[0]:
+                return True
+        return False
 
     def ack(self, token: int) -> None:
         """The record read with ``token`` is done with (finished, or stored again)."""
+        self._ack(token, journal=True)
+
+    def _ack(self, token: int, journal: bool) -> None:
         entry = self._tokens.pop(token, None)
         if entry is None:
             return
-        entry[3] = True
+        entry[1] = True
         out = self._outstanding
-        while out and out[0][3]:
-            out.popleft()
+        if out and out[0] is entry:
+            while out and out[0][1]:
+                out.popleft()
+        elif journal and self._journal is not None:
+            # behind an older unfinished record: the read position cannot say it
+            self._journal.append(qj.entry(qj.ACK, token, entry[2]))
         self._ops += 1
         if self._ops == self._sync_every:
             self._notify_due()
+
+    def set_note(self, token: int, note: int) -> None:
+        """Keep ``note`` for an unacknowledged record (a due time): a crash gives it back."""
+        entry = self._tokens.get(token)
+        if entry is None or entry[3] == note:
+            return
+        entry[3] = note
+        if self._journal is not None:
+            self._journal_add(qj.entry(qj.NOTE, token, entry[2], note))
+
+    def _journal_add(self, fact: bytes) -> None:
+        assert self._journal is not None
+        self._journal.append(fact)
+        self._ops += 1
+        if self._ops >= self._sync_every:
+            self._notify_due()
+
+    def _journal_now(self, facts: bytes) -> None:
+        """Write facts that must be on disk before the data they describe."""
+        assert self._journal is not None
+        try:
+            self._journal.write_now(facts)
+        except OSError as e:
+            self._write_failed = True
+            self._log.error("diskqueue journal write failed", queue=self.name, error=str(e))
+            raise BackendError(f"diskqueue {self.name}: write failed: {e}") from e
 
     def set_attempts(self, token: int, attempts: int) -> None:
         """Rewrite the attempts field of an unacknowledged record in place, so
@@ -337,7 +493,7 @@ class DiskQueue:
         entry = self._tokens.get(token)
         if entry is None:
             return
-        num, pos = entry[1], entry[2]
+        num, pos = qj.split_key(token)
         try:
             if num == self._wfn and self._wfd is not None:
                 fd = self._wfd
@@ -355,8 +511,8 @@ class DiskQueue:
     def _committed(self) -> tuple[int, int, int]:
         """(file, pos, records from there to the read position) as persisted."""
         if self._outstanding:
-            first = self._outstanding[0]
-            return first[1], first[2], len(self._outstanding)
+            num, pos = qj.split_key(self._outstanding[0][0])
+            return num, pos, len(self._outstanding)
         return self._rfn, self._rpos, 0
 
     def _drained(self) -> None:
@@ -495,6 +651,7 @@ class DiskQueue:
         if self._patched_files:
             self._unsynced_files.extend(n for n in self._patched_files if n != self._wfn)
             self._patched_files.clear()
+        journal = self._prepare_journal() if self._journal is not None else None
         wfd = os.dup(self._wfd) if self._wfd is not None else None
         files, self._unsynced_files = self._unsynced_files, []
         deletes, self._pending_delete = self._pending_delete, []
@@ -505,23 +662,38 @@ class DiskQueue:
         self._due_notified = False
 
         def run() -> None:
-            self._run_sync(meta, wfd, files, deletes, dir_dirty, gen)
+            self._run_sync(meta, wfd, files, deletes, dir_dirty, gen, journal)
 
         return run
 
     def _run_sync(
-        self, meta: bytes, wfd: int | None, files: list[int], deletes: list[tuple[int, bool]], dir_dirty: bool, gen: int
+        self,
+        meta: bytes,
+        wfd: int | None,
+        files: list[int],
+        deletes: list[tuple[int, bool]],
+        dir_dirty: bool,
+        gen: int,
+        journal: tuple[int | None, list[int], bool, OSError | None] | None = None,
     ) -> None:
         # touches only its own fds, snapshot and the file system, plus a few flag writes
+        jfd, retired, jerror = None, [], None
+        if journal is not None:
+            jfd, retired, new_journal, jerror = journal
+            dir_dirty = dir_dirty or new_journal
         try:
             try:
                 for num in files:
                     self._fsync_path(self._file(num))
                 if wfd is not None:
                     self._fsync(wfd)
+                if jfd is not None:
+                    self._fsync(jfd)
             finally:
                 if wfd is not None:
                     os.close(wfd)
+                if jfd is not None:
+                    os.close(jfd)
             tmp = f"{self._meta_path}.{random.getrandbits(62)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -543,8 +715,15 @@ class DiskQueue:
         except OSError as e:
             self._sync_failed = True
             self._pending_delete.extend(deletes)  # still needed; retried by the next sync
+            if self._journal is not None:
+                self._journal.retire_failed(retired)
             self._log.error("diskqueue sync failed", queue=self.name, error=str(e))
             raise BackendError(f"diskqueue {self.name}: sync failed: {e}") from e
+        if self._journal is not None and retired:
+            self._journal.remove(retired)  # the facts they held are in the current file or behind the metadata
+        if jerror is not None:
+            self._sync_failed = True
+            raise BackendError(f"diskqueue {self.name}: journal write failed: {jerror}")
         self._sync_failed = False
         for num, bad in deletes:
             path = self._file(num)
@@ -558,6 +737,114 @@ class DiskQueue:
                 pass
             except OSError as e:
                 self._log.error("diskqueue cannot remove a read file", queue=self.name, file=path, error=str(e))
+
+    def _prepare_journal(self) -> tuple[int | None, list[int], bool, OSError | None]:
+        """Compact when the journal is mostly dead facts, flush it (on the event loop, small writes)."""
+        journal = self._journal
+        assert journal is not None
+        try:
+            if journal.size > self._journal_limit:
+                snapshot = self._journal_snapshot()
+                if len(snapshot) <= journal.size // 2:
+                    journal.start_generation(snapshot)
+                    self._journal_limit = max(_JOURNAL_COMPACT_MIN, 2 * len(snapshot))
+                else:
+                    self._journal_limit = 2 * journal.size
+            fd, retired, new_file = journal.prepare_sync()
+            return fd, retired, new_file, None
+        except OSError as e:
+            self._log.error("diskqueue journal write failed", queue=self.name, error=str(e))
+            return None, [], False, e
+
+    def _journal_snapshot(self) -> bytes:
+        """The live facts: everything the journal says about records from the read position on."""
+        entry = qj.entry
+        parts = [entry(qj.MARK, self.mark)] if self.mark >= 0 else []
+        for key, acked, msg_id, note in self._outstanding:
+            if acked:
+                parts.append(entry(qj.ACK, key, msg_id))
+            elif note:
+                parts.append(entry(qj.NOTE, key, msg_id, note))
+        parts.extend(entry(qj.ACK, k, msg_id) for k, msg_id in self._skip.items())
+        parts.extend(entry(qj.NOTE, k, msg_id, note) for k, (msg_id, note) in self._notes.items())
+        if self._skip_range is not None:
+            parts.append(entry(qj.SKIP, *self._skip_range))
+        return b"".join(parts)
+
+    def _open_journal(self) -> None:
+        """Read what the journal says about the records from the read position
+        on; checks the facts that depend on whether data reached the disk."""
+        journal = self._journal = qj.QueueJournal(self.data_path, self.name, self._log)
+        facts = journal.load()
+        if not facts and not journal.exists:
+            return
+        cursor = qj.key(self._rfn, self._rpos)
+        end = qj.key(self._wfn, self._wpos)
+        requeued = []
+        intent = None
+        for fact in facts:
+            kind = fact[0]
+            if kind == qj.ACK:
+                if fact[1] >= cursor:
+                    self._skip[fact[1]] = fact[2]
+            elif kind == qj.NOTE:
+                if fact[1] >= cursor:
+                    if fact[3]:
+                        self._notes[fact[1]] = (fact[2], fact[3])
+                    else:
+                        self._notes.pop(fact[1], None)
+            elif kind == qj.REQUEUE:
+                if fact[1] >= cursor:
+                    requeued.append(fact)
+            elif kind == qj.INTENT:
+                intent = fact
+            elif kind == qj.MARK:
+                self.mark = fact[1]  # the latest: only reset_mark() lowers it
+            elif kind == qj.SKIP:
+                if fact[2] > cursor:
+                    self._skip_range = (max(fact[1], cursor), fact[2])
+        for _, old, msg_id, new in requeued:
+            if old not in self._skip and self._id_at(new) == msg_id:
+                self._skip[old] = msg_id
+        if intent is not None and intent[5] > self.mark:
+            _, first, first_id, last, last_id, mark = intent
+            if self._id_at(last) == last_id:
+                self.mark = mark
+            elif first >= cursor and self._id_at(first) == first_id:
+                # a crash cut this copy short: what reached the disk is not
+                # served, the topic still holds all of it
+                self._skip_range = (first, end)
+                self._log.warning("diskqueue skipping the remains of an interrupted copy", queue=self.name)
+        for k in [k for k in self._notes if k >= end]:
+            del self._notes[k]  # about records that never reached the disk
+        if self._skip or self._skip_range is not None:
+            self._log.info("diskqueue journal: records finished before the crash are skipped", queue=self.name, count=len(self._skip))
+        try:
+            journal.start_generation(self._journal_snapshot())  # kept buffered if the disk is full
+            self.sync()
+        except (OSError, BackendError) as e:
+            self._log.error("diskqueue cannot rewrite its journal yet", queue=self.name, error=str(e))
+
+    def _id_at(self, token: int) -> bytes | None:
+        """The message id of the intact record at ``token`` (None if there is none)."""
+        num, pos = qj.split_key(token)
+        file_end = self._wpos if num == self._wfn else self._ends.get(num)
+        if file_end is None or pos + 4 + self._min > file_end:
+            return None
+        try:
+            fd = os.open(self._file(num), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, 4 + 26, pos)
+        finally:
+            os.close(fd)
+        if len(head) < 30:
+            return None
+        n = _LEN.unpack_from(head)[0]
+        if n < self._min or n > self._max or pos + 4 + n > file_end:
+            return None
+        return head[14:30]
 
     def _fsync_path(self, path: str) -> None:
         try:
@@ -613,6 +900,15 @@ class DiskQueue:
         self._ops = 0
         self._force_sync = False
         self._due_notified = False
+        if self._journal is not None:
+            # facts about dropped records go with them; the copy mark stays
+            self._journal.delete()
+            self._skip.clear()
+            self._skip_range = None
+            self._notes.clear()
+            if self.mark >= 0:
+                self._journal.append(qj.entry(qj.MARK, self.mark))
+                self._force_sync = True
 
     def close(self) -> None:
         """Sync and release the files; the records stay for the next start."""
@@ -622,6 +918,8 @@ class DiskQueue:
             self.sync()
         finally:
             self._close_files()
+            if self._journal is not None:
+                self._journal.close()
             self._closed = True
 
     def delete(self) -> None:
@@ -629,6 +927,8 @@ class DiskQueue:
         self._log.info("diskqueue deleting", queue=self.name)
         self._close_files()
         self._closed = True
+        # a journal left by an earlier --sync-every=1 run goes too
+        (self._journal or qj.QueueJournal(self.data_path, self.name, self._log)).delete()
         with self._meta_lock:
             self._generation += 1
             _unlink_quiet(self._meta_path)

@@ -88,7 +88,7 @@ class HTTPAPI:
             raise HTTPError(500, failed) from None
         if self.nsqd.sync_pending():
             await self.nsqd.sync_barrier()
-        if self.nsqd.health_error is not None:
+        if not self.nsqd.is_healthy():
             self.nsqd.note_put_success()
         return respond("OK")
 

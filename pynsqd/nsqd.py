@@ -40,6 +40,9 @@ from .topic import Topic
 
 # a topic drain hands this many messages to the channels between yields
 DRAIN_STEP = 1000
+# a drain that found a channel's disk full retries after this long, doubling up to the max
+DRAIN_RETRY_MIN = 0.05
+DRAIN_RETRY_MAX = 1.0
 
 METADATA_FILE = "nsqd.dat"
 
@@ -75,11 +78,15 @@ class NSQD:
         self.clients: dict[int, ClientV2] = {}
         self._client_seq = 0
         self.start_time = int(time.time())
-        self.health_error: str | None = None
+        # what is failing, by source ("put", "sync", "drain <topic>"): /ping says NOK while any is
+        self._health: dict[str, str] = {}
         self._backend_factory = backend_factory or self._default_backend
         self._nursery: trio.Nursery | None = None
+        # tasks asked for before run() opened the nursery (while the metadata
+        # loads): started as soon as it opens
+        self._early_tasks: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = []
         self._timers: dict[int, _ChannelTimer] = {}
-        self._draining: set[str] = set()
+        self._draining: set[Topic] = set()  # by identity: a deleted topic's task may outlive it
         self.tcp_address = ""
         self.http_address = ""
         self.https_address = ""
@@ -121,20 +128,31 @@ class NSQD:
     def tls_required_for_tcp(self) -> bool:
         return self.options.tls_required != "false"
 
+    @property
+    def health_error(self) -> str | None:
+        return next(reversed(self._health.values()), None)
+
     def is_healthy(self) -> bool:
-        return self.health_error is None
+        return not self._health
 
     def health(self) -> str:
-        return "OK" if self.health_error is None else f"NOK - {self.health_error}"
+        return "OK" if not self._health else f"NOK - {self.health_error}"
+
+    def set_unhealthy(self, source: str, error: str) -> None:
+        self._health.pop(source, None)
+        self._health[source] = error
+
+    def set_healthy(self, source: str) -> None:
+        self._health.pop(source, None)
 
     def note_put_failure(self, exc: Exception) -> None:
         from .backend_queue import BackendError
 
         if isinstance(exc, BackendError):
-            self.health_error = str(exc)
+            self.set_unhealthy("put", str(exc))
 
     def note_put_success(self) -> None:
-        self.health_error = None
+        self.set_healthy("put")
 
     # ------------------------------------------------------------ durability
 
@@ -171,8 +189,10 @@ class NSQD:
             if jobs:
                 errors = await trio.to_thread.run_sync(_run_sync_jobs, jobs)
                 for err in errors:
-                    self.health_error = str(err)
+                    self.set_unhealthy("sync", str(err))
                     self.log.error("sync failed", error=str(err))
+                if not errors:
+                    self.set_healthy("sync")
         finally:
             self._rounds_done += 1
             finished, self._round_finished = self._round_finished, trio.Event()
@@ -405,8 +425,7 @@ class NSQD:
         if not channel.ephemeral and not topic.ephemeral:
             channel.pending_deferrals = self._load_deferrals(f"{topic.name}:{name}")
         self._timers[id(channel)] = timer
-        if self._nursery is not None:
-            self._nursery.start_soon(self._run_channel_timer, channel, timer)
+        self.start_soon(self._run_channel_timer, channel, timer)
         return channel
 
     def _new_latency_stream(self) -> LatencyStream | None:
@@ -424,10 +443,15 @@ class NSQD:
                 self.log.exception("event hook failed", event=event, topic=topic.name)
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
-        """Run a task in the daemon's nursery (False if it is not running)."""
-        if self._nursery is None:
+        """Run a task in the daemon's nursery; one asked for before the daemon
+        runs (loading the metadata) starts when it does.  False once it has
+        stopped."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+            return True
+        if self.exiting:
             return False
-        self._nursery.start_soon(fn, *args)
+        self._early_tasks.append((fn, args))
         return True
 
     def _channel_created(self, topic: Topic, channel: Channel) -> None:
@@ -457,16 +481,36 @@ class NSQD:
                 channel.process_timeouts(trio.current_time())
 
     def _start_drain(self, topic: Topic) -> None:
-        if topic.name in self._draining or self._nursery is None:
+        if topic in self._draining:
             return
-        self._draining.add(topic.name)
-        self._nursery.start_soon(self._drain_topic, topic)
+        if self.start_soon(self._drain_topic, topic):
+            self._draining.add(topic)
 
     async def _drain_topic(self, topic: Topic) -> None:
+        from .backend_queue import BackendError
+
+        retry = DRAIN_RETRY_MIN
+        failing = False
         try:
             while True:
-                more = topic.drain(DRAIN_STEP)
-                if topic.drained_tokens:
+                try:
+                    more = topic.drain(DRAIN_STEP)
+                except BackendError as exc:
+                    # a channel's disk is full: the batch waits in the topic,
+                    # /ping says so, and the drain tries again by itself
+                    self.set_unhealthy(f"drain {topic.name}", str(exc))
+                    if not failing:
+                        self.log.error("TOPIC: cannot move messages to a channel, retrying", topic=topic.name, error=str(exc))
+                        failing = True
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, DRAIN_RETRY_MAX)
+                    continue
+                if failing:
+                    failing = False
+                    retry = DRAIN_RETRY_MIN
+                    self.set_healthy(f"drain {topic.name}")
+                    self.log.info("TOPIC: moving messages to the channels again", topic=topic.name)
+                if topic.drained_tokens and not topic.stalled:
                     # durable mode: the channels' copies reach the disk before
                     # the topic's records are let go
                     for channel in topic.channels.values():
@@ -478,7 +522,8 @@ class NSQD:
                     break
                 await trio.sleep(0)
         finally:
-            self._draining.discard(topic.name)
+            self._draining.discard(topic)
+            self.set_healthy(f"drain {topic.name}")
 
     # ------------------------------------------------------------ clients
 
@@ -550,11 +595,9 @@ class NSQD:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for topic in self.topics.values():
-                    for channel in topic.channels.values():
-                        timer = self._timers.get(id(channel))
-                        if timer is not None:
-                            nursery.start_soon(self._run_channel_timer, channel, timer)
+                early, self._early_tasks = self._early_tasks, []
+                for fn, args in early:
+                    nursery.start_soon(fn, *args)
                 nursery.start_soon(self._sync_ticker)
                 for service in self.services:
                     nursery.start_soon(service)
@@ -575,6 +618,8 @@ class NSQD:
         memory (queued, in flight, deferred) to disk, close every queue."""
         self.metadata_changed()
         for topic in self.topics.values():
+            # what a full disk kept from a channel joins that channel's memory first
+            topic.settle_stall()
             for channel in topic.channels.values():
                 try:
                     deferrals = channel.flush_to_backend()

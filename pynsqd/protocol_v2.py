@@ -546,7 +546,7 @@ class ProtocolV2:
         except (BackendError, TopicExiting) as exc:
             nsqd.note_put_failure(exc)
             raise ProtocolError(code, f"{name} failed {exc}") from None
-        if nsqd.health_error is not None:
+        if not nsqd.is_healthy():
             nsqd.note_put_success()
         counts = self.client.pub_counts
         counts[topic_name] = counts.get(topic_name, 0) + len(msgs)

@@ -6,6 +6,13 @@ the topic has channels and no backlog, which costs no task switch per
 message.  A topic with no channels (or paused) holds messages in its own
 memory queue and backend; once it can deliver again ``drain()`` moves that
 backlog to the channels in bounded steps (the daemon runs it in a task).
+
+A channel that cannot store a batch (its disk is full) leaves the batch
+*stalled* in the topic: channels that took it keep it, the others get it
+when a later ``drain()`` retries, and nothing newer passes it meanwhile.  In
+durable mode each channel's queue also records how far into the topic's
+backlog it has copied (its ``mark``), so a batch copied before a crash is
+not copied again after it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .backend_queue import BackendQueue
+from .backend_queue import BackendError, BackendQueue
 from .channel import Channel
 from .guid import GuidFactory
 from .log import get_logger
@@ -68,6 +75,10 @@ class Topic:
         # once the channels hold them durably (the daemon syncs, then acks)
         self.durable = bool(getattr(backend, "track_acks", False))
         self.drained_tokens: list[int] = []
+        # a batch some channels could not take yet: [(channel, its copy)], the
+        # batch's topic positions (durable mode) and its mark
+        self._stall: list[tuple[Channel, list[Message]]] = []
+        self._stall_positions: list[int] | None = None
         # id -> publish-time delay (s) of deferred messages stored on disk
         self.pending_deferrals: dict[bytes, float] = {}
         self.exiting = False
@@ -89,10 +100,14 @@ class Topic:
     # ------------------------------------------------------------ publishing
 
     def depth(self) -> int:
-        return len(self.memory) + self.backend.depth()
+        return len(self.memory) + self.backend.depth() + self.stalled_count()
+
+    def stalled_count(self) -> int:
+        """Messages not yet in every channel because a channel's disk was full."""
+        return len(self._stall[0][1]) if self._stall else 0
 
     def has_backlog(self) -> bool:
-        return bool(self.memory) or self.backend.depth() > 0
+        return bool(self.memory) or self.backend.depth() > 0 or bool(self._stall)
 
     def can_deliver(self) -> bool:
         return bool(self.channels) and not self.paused and not self.holds
@@ -102,7 +117,7 @@ class Topic:
         (in which case nothing was accepted)."""
         if self.exiting:
             raise TopicExiting(self.name)
-        if self.channels and not self.paused and not self.holds and not self.memory and self.backend.depth() == 0:
+        if self.channels and not self.paused and not self.holds and not self.memory and self.backend.depth() == 0 and not self._stall:
             self._fan_out(msgs)
         else:
             self._store(msgs)
@@ -120,27 +135,70 @@ class Topic:
         spill = msgs[room:] if room > 0 else msgs
         # the backend write is the one step that can fail: do it first so a
         # failure leaves nothing half-accepted
-        self.backend.put_many([m.encode() for m in spill])
-        for m in spill:
-            if m.deferred:
-                # the record format has no room for it: remember it beside
-                self.pending_deferrals[m.id] = m.deferred
+        if self.durable and any(m.deferred for m in spill):
+            # the record format has no room for the delay: the queue's journal keeps it
+            notes = [int(m.deferred * 1e9) for m in spill]
+            self.backend.put_many([m.encode() for m in spill], notes=notes)  # type: ignore[call-arg]
+        else:
+            self.backend.put_many([m.encode() for m in spill])
+            for m in spill:
+                if m.deferred:
+                    # the record format has no room for it: remember it beside
+                    self.pending_deferrals[m.id] = m.deferred
         if room > 0:
             mem.extend(msgs[:room])
 
-    def _fan_out(self, msgs: list[Message]) -> None:
+    def _fan_out(self, msgs: list[Message], positions: list[int] | None = None) -> None:
+        """Give every channel its copy.  If a channel's disk is full the publish
+        still stands (the topic keeps the batch for the channels that did not
+        take it, see drain()) in default mode; in durable mode an OK means on
+        disk, so the BackendError goes to the publisher — unless this is the
+        backlog (``positions`` given), which stays in the topic's own queue."""
         channels = [c for c in self.channels.values() if not c.exiting]
         # copy before the first channel can deliver (and so change) the originals
         batches = [msgs] + [[m.copy() for m in msgs] for _ in channels[1:]]
-        for channel, batch in zip(channels, batches):
-            channel.put_messages(batch)
+        try:
+            self._deliver(list(zip(channels, batches)), positions)
+        except BackendError:
+            if self.durable and positions is None:
+                self._stall = []
+                raise
+            if self._on_backlog is not None:
+                self._on_backlog(self)  # the drain task retries
+
+    def _deliver(self, pending: list[tuple[Channel, list[Message]]], positions: list[int] | None) -> None:
+        """Put each channel's batch; on BackendError the batches not taken
+        stay as the stall (and the error is raised)."""
+        mark = positions[-1] if positions else None
+        for i, (channel, batch) in enumerate(pending):
+            if channel.exiting:
+                continue
+            if positions is not None:
+                copied = getattr(channel.backend, "mark", -1)
+                if copied >= positions[0]:
+                    # copied before a crash: only what is newer than its mark
+                    batch = [m for m, p in zip(batch, positions) if p > copied]
+            try:
+                if batch:
+                    channel.put_messages(batch, mark)
+            except BackendError:
+                self._stall = pending[i:]
+                self._stall_positions = positions
+                raise
+        self._stall = []
+        self._stall_positions = None
 
     def drain(self, limit: int = 1000) -> bool:
         """Move up to ``limit`` backlog messages to the channels.  Returns True
-        while there is more to move."""
+        while there is more to move; raises BackendError while a channel
+        cannot take the stalled batch (call again later)."""
         if not self.can_deliver() or self.exiting:
             return False
+        if self._stall:
+            self._deliver(self._stall, self._stall_positions)
         batch: list[Message] = []
+        # durable mode: the topic position of each message, for the channels' marks
+        positions: list[int] | None = [] if self.durable else None
         mem = self.memory
         backend = self.backend
         from_backend = False
@@ -148,11 +206,12 @@ class Topic:
             # alternate memory and backend so that neither starves
             from_backend = not from_backend
             if backend.depth() > 0 and (from_backend or not mem):
+                note = 0
                 if self.durable:
                     item = backend.get_tracked()  # type: ignore[attr-defined]
                     if item is None:
                         break
-                    data, token = item
+                    data, token, note = item
                     self.drained_tokens.append(token)
                 else:
                     data = backend.get()
@@ -163,16 +222,37 @@ class Topic:
                 except ValueError:
                     log.error("failed to decode message from backend", topic=self.name)
                     continue
-                if self.pending_deferrals:
+                if note:
+                    msg.deferred = note / 1e9
+                elif self.pending_deferrals:
                     msg.deferred = self.pending_deferrals.pop(msg.id, 0.0)
+                if positions is not None:
+                    positions.append(token)
                 batch.append(msg)
             elif mem:
                 batch.append(mem.popleft())
+                positions = None  # not from the backend: no marks (durable topics keep no memory)
             else:
                 break
         if batch:
-            self._fan_out(batch)
+            self._fan_out(batch, positions if positions else None)
         return self.has_backlog()
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self._stall)
+
+    def settle_stall(self) -> None:
+        """Shutdown: the channels still owed a stalled batch take it into memory
+        (flushed with the rest).  Durable mode: the batch is still unacknowledged
+        in the topic's queue and the channels' marks tell who has it."""
+        stall, self._stall = self._stall, []
+        self._stall_positions = None
+        if self.durable:
+            return
+        for channel, batch in stall:
+            if not channel.exiting:
+                channel.take_stalled(batch)
 
     # ------------------------------------------------------------ channels
 
@@ -185,6 +265,10 @@ class Topic:
         log.info("new channel", topic=self.name, channel=name)
         if self._on_channel_created is not None:
             self._on_channel_created(self, channel)
+        if self.durable and getattr(channel.backend, "mark", -1) >= self.backend.end_key():  # type: ignore[attr-defined]
+            # the mark names a topic position never written: not this topic's queue
+            log.warning("channel copy mark ahead of the topic, ignored", topic=self.name, channel=name)
+            channel.backend.reset_mark()  # type: ignore[attr-defined]
         if self.has_backlog() and self.can_deliver() and self._on_backlog is not None:
             self._on_backlog(self)
         return channel
@@ -224,6 +308,8 @@ class Topic:
 
     def empty(self) -> None:
         self.memory.clear()
+        self._stall = []
+        self._stall_positions = None
         self.backend.empty()
 
     def ack_drained(self) -> None:
@@ -252,6 +338,7 @@ class Topic:
             if self._on_channel_deleted is not None:
                 self._on_channel_deleted(self, channel)
         self.memory.clear()
+        self._stall = []
         self.backend.delete()
 
     def stats(self, channel_filter: str | None = None, include_clients: bool = True) -> dict[str, object]:
