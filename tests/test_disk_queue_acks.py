@@ -3,6 +3,7 @@ disk until acknowledged, so a crash gives back everything in flight."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 import hypothesis.strategies as st
@@ -142,3 +143,153 @@ def drain_tracked(q: DiskQueue) -> list[bytes]:
         out.append(item[0])
         q._reread.append(item)  # type: ignore[attr-defined]
     return out
+
+
+def record_with(i: int, attempts: int) -> bytes:
+    return record(i, attempts)
+
+
+def kill(q: DiskQueue) -> None:
+    """kill -9: what was written stays (page cache), nothing buffered is flushed."""
+    q._close_files()
+    if q._journal is not None:
+        q._journal.close()
+
+
+@settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "80")), deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("put"), st.integers(1, 5)),
+            st.tuples(st.just("put_noted"), st.integers(1, 3)),
+            st.tuples(st.just("get"), st.integers(1, 4)),
+            st.tuples(st.just("ack"), st.integers(0, 50)),
+            st.tuples(st.just("note"), st.integers(0, 50)),
+            st.tuples(st.just("again"), st.integers(0, 50)),
+            st.tuples(st.just("sync"), st.just(0)),
+            st.tuples(st.just("kill"), st.just(0)),
+            st.tuples(st.just("crash"), st.just(0)),
+        ),
+        max_size=70,
+    )
+)
+def test_model_with_journal(tmp_path_factory, ops):
+    """Acks behind an older unacknowledged record, notes and records stored
+    again survive a sync + reopen exactly, and a kill -9 (no sync) gives back
+    every unacknowledged record exactly once, with its note."""
+    path = str(tmp_path_factory.mktemp("dq"))
+    q = open_queue(path, max_bytes=300)
+    written = 0
+    unread: set[int] = set()
+    held: dict[int, int] = {}  # index -> token
+    attempts_of: dict[int, int] = {}
+    note_now: dict[int, int] = {}  # the latest note of each record
+    note_kept: dict[int, set[int]] = {}  # what a kill may give back: as of the last sync, or set since
+    acked_unsynced: set[int] = set()
+
+    def reopen(synced: bool) -> None:
+        nonlocal q, unread, held
+        if synced:
+            q.sync()
+            q.close()
+        else:
+            kill(q)
+        q = open_queue(path, max_bytes=300)
+        seen: dict[int, tuple[int, int, int]] = {}
+        while (item := q.get_tracked()) is not None:
+            data, token, note = item
+            i = index(data)
+            assert i not in seen, f"record {i} came back twice"
+            seen[i] = (token, note, attempts(data))
+        must = unread | set(held)
+        assert must <= set(seen), must - set(seen)
+        assert set(seen) <= must | (set() if synced else acked_unsynced)
+        for i, (token, note, att) in seen.items():
+            allowed = {note_now.get(i, 0)} if synced else note_kept.get(i, {0})
+            assert note in allowed, (i, note, allowed)
+            note_now[i] = note
+            note_kept[i] = {note}
+            if i in attempts_of:
+                assert att == attempts_of[i]
+        unread = set()
+        held = {i: v[0] for i, v in seen.items()}
+        acked_unsynced.clear()
+
+    for op, arg in ops:
+        if op in ("put", "put_noted"):
+            batch = list(range(written, written + arg))
+            written += arg
+            notes = [1000 + i for i in batch] if op == "put_noted" else None
+            q.put_many([record(i) for i in batch], notes=notes)
+            unread.update(batch)
+            for i in batch:
+                attempts_of[i] = 0
+                note_now[i] = notes[batch.index(i)] if notes else 0
+                note_kept[i] = {note_now[i]}
+        elif op == "get":
+            for _ in range(arg):
+                item = q.get_tracked()
+                if item is None:
+                    assert not unread
+                    break
+                data, token, note = item
+                i = index(data)
+                assert i in unread
+                assert note == note_now[i]
+                unread.discard(i)
+                held[i] = token
+        elif op == "ack" and held:
+            i = sorted(held)[arg % len(held)]
+            q.ack(held.pop(i))
+            acked_unsynced.add(i)
+        elif op == "note" and held:
+            i = sorted(held)[arg % len(held)]
+            q.set_note(held[i], 5000 + arg)
+            note_now[i] = 5000 + arg
+            note_kept[i].add(5000 + arg)
+        elif op == "again" and held:
+            i = sorted(held)[arg % len(held)]
+            attempts_of[i] += 1
+            note = 7000 + arg if arg % 2 else 0
+            q.put_again([record_with(i, attempts_of[i])], [held.pop(i)], [note])
+            unread.add(i)
+            note_now[i] = note
+            note_kept[i] = {note}  # written before the data
+        elif op == "sync":
+            q.sync()
+            note_kept = {i: {n} for i, n in note_now.items()}
+            acked_unsynced.clear()
+        elif op == "kill":
+            reopen(synced=False)
+        elif op == "crash":
+            reopen(synced=True)
+    q.close()
+
+
+def test_copy_mark_counts_only_what_reached_the_disk(tmp_path):
+    """A batch copied from a topic: its mark holds once the whole batch is on
+    disk (even if the crash came before the mark was flushed); a batch a crash
+    cut short leaves the old mark and its remains are not served."""
+    q = open_queue(str(tmp_path), max_bytes=10_000)
+    q.put_many([record(i) for i in range(5)], mark=100)
+    q.sync()
+    q.put_many([record(i) for i in range(5, 10)], mark=200)
+    kill(q)  # before any sync: the mark itself was only buffered
+    q = open_queue(str(tmp_path), max_bytes=10_000)
+    assert q.mark == 200
+    assert [index(b) for b in drain(q)] == list(range(10))
+    q.sync()
+    q.put_many([record(i) for i in range(10, 20)], mark=300)
+    kill(q)
+    # the crash came in the middle of the last batch's write
+    data = tmp_path / "t:c.diskqueue.000000.dat"
+    data.write_bytes(data.read_bytes()[: -3 * len(record(19)) - 10])
+    q = open_queue(str(tmp_path), max_bytes=10_000)
+    assert q.mark == 200
+    assert drain(q) == []  # the topic still has all of them: copied again
+    q.put_many([record(i) for i in range(10, 20)], mark=300)
+    assert [index(b) for b in drain(q)] == list(range(10, 20))
+    q.close()
+    q = open_queue(str(tmp_path), max_bytes=10_000)
+    assert q.mark == 300
+    q.close()
