@@ -249,6 +249,9 @@ class Topic:
         stall, self._stall = self._stall, []
         self._stall_positions = None
         if self.durable:
+            if stall:
+                # not acknowledged: copied again after the restart, to the channels whose marks lack it
+                self.drained_tokens = []
             return
         for channel, batch in stall:
             if not channel.exiting:
@@ -319,8 +322,14 @@ class Topic:
             self.backend.ack(token)  # type: ignore[attr-defined]
 
     def flush_to_backend(self) -> dict[bytes, float]:
-        """Shutdown: the memory queue goes to the backend.  Returns the
-        publish-time delays to keep beside the queue (id -> seconds)."""
+        """Shutdown (after the channels were flushed): the memory queue goes
+        to the backend.  Returns the publish-time delays to keep beside the
+        queue (id -> seconds)."""
+        if self.drained_tokens:
+            # durable mode, a drain's sync cut short: the channels are closed
+            # (synced) already, so the records are theirs; a Go nsqd taking the
+            # data dir over would copy them again otherwise
+            self.ack_drained()
         if self.memory:
             msgs = list(self.memory)
             self.memory.clear()
