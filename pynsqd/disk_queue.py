@@ -60,6 +60,7 @@ _READ_CHUNK = 64 * 1024  # per pread while serving get(); freed once consumed
 _SCAN_CHUNK = 1024 * 1024  # per pread while scanning at start
 _PROBE_LIMIT = 4096  # beyond this many file numbers, list the directory instead of probing
 _JOURNAL_COMPACT_MIN = 1 << 20  # journal bytes before compaction is considered
+_JOURNAL_SPENT_MIN = 64 << 10  # ... or once the read position has passed every fact
 _META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n?\s*\Z")
 
 _Meta = tuple[int, int, int, int, int]  # depth, read file, read pos, write file, write pos
@@ -129,6 +130,7 @@ class DiskQueue:
         # the journal (tracked reads only) and what it says about unread records
         self._journal: qj.QueueJournal | None = None
         self._journal_limit = _JOURNAL_COMPACT_MIN
+        self._journal_top = -1  # the highest record key a journal fact names
         self._skip: dict[int, bytes] = {}  # key -> id: finished before a crash
         self._skip_range: tuple[int, int] | None = None  # remains of a copy a crash cut short
         self._notes: dict[int, tuple[bytes, int]] = {}  # key -> (id, note)
@@ -258,7 +260,7 @@ class DiskQueue:
             )
         if notes is not None:
             facts.extend(entry(qj.NOTE, k, item[10:26], n) for k, item, n in zip(keys, items, notes) if n)
-        self._journal_now(b"".join(facts))
+        self._journal_now(b"".join(facts), keys[-1])
         self._put_lens(items, lens)
         if notes is not None:
             for k, item, n in zip(keys, items, notes):
@@ -457,6 +459,8 @@ class DiskQueue:
         elif journal and self._journal is not None:
             # behind an older unfinished record: the read position cannot say it
             self._journal.append(qj.entry(qj.ACK, token, entry[2]))
+            if token > self._journal_top:
+                self._journal_top = token
         self._ops += 1
         if self._ops == self._sync_every:
             self._notify_due()
@@ -468,18 +472,22 @@ class DiskQueue:
             return
         entry[3] = note
         if self._journal is not None:
-            self._journal_add(qj.entry(qj.NOTE, token, entry[2], note))
+            self._journal_add(qj.entry(qj.NOTE, token, entry[2], note), token)
 
-    def _journal_add(self, fact: bytes) -> None:
+    def _journal_add(self, fact: bytes, top: int = -1) -> None:
         assert self._journal is not None
         self._journal.append(fact)
+        if top > self._journal_top:
+            self._journal_top = top
         self._ops += 1
         if self._ops >= self._sync_every:
             self._notify_due()
 
-    def _journal_now(self, facts: bytes) -> None:
+    def _journal_now(self, facts: bytes, top: int) -> None:
         """Write facts that must be on disk before the data they describe."""
         assert self._journal is not None
+        if top > self._journal_top:
+            self._journal_top = top
         try:
             self._journal.write_now(facts)
         except OSError as e:
@@ -743,7 +751,9 @@ class DiskQueue:
         journal = self._journal
         assert journal is not None
         try:
-            if journal.size > self._journal_limit:
+            rfn, rpos, _ = self._committed()
+            spent = self._journal_top < qj.key(rfn, rpos)  # every fact names a record behind the read position
+            if journal.size > self._journal_limit or (spent and journal.size > _JOURNAL_SPENT_MIN):
                 snapshot = self._journal_snapshot()
                 if len(snapshot) <= journal.size // 2:
                     journal.start_generation(snapshot)
@@ -819,6 +829,7 @@ class DiskQueue:
             del self._notes[k]  # about records that never reached the disk
         if self._skip or self._skip_range is not None:
             self._log.info("diskqueue journal: records finished before the crash are skipped", queue=self.name, count=len(self._skip))
+        self._journal_top = max([-1, *self._skip, *self._notes, *(self._skip_range or ())])
         try:
             journal.start_generation(self._journal_snapshot())  # kept buffered if the disk is full
             self.sync()

@@ -505,7 +505,7 @@ class NSQD:
                     await trio.sleep(retry)
                     retry = min(retry * 2, DRAIN_RETRY_MAX)
                     continue
-                if failing:
+                if failing and not topic.stalled:
                     failing = False
                     retry = DRAIN_RETRY_MIN
                     self.set_healthy(f"drain {topic.name}")

@@ -293,3 +293,24 @@ def test_copy_mark_counts_only_what_reached_the_disk(tmp_path):
     q = open_queue(str(tmp_path), max_bytes=10_000)
     assert q.mark == 300
     q.close()
+
+
+def test_journal_is_compacted_once_the_read_position_passes_its_facts(tmp_path):
+    q = open_queue(str(tmp_path), max_bytes=1 << 20)
+    n = 60_000
+    q.put_many([record(i) for i in range(n)])
+    items = [q.get_tracked() for _ in range(n)]
+    for k, (_, token, _) in enumerate(items[1:], 1):
+        q.ack(token)  # each behind the unfinished first one: a journal fact each
+        if k % 5000 == 0:
+            q.sync()
+    q.sync()
+    journal = q._journal
+    assert journal is not None and journal.size > 1 << 20
+    q.ack(items[0][1])  # the read position moves past every fact
+    q.sync()
+    q.sync()  # the old generation goes once the new one is durable
+    files = [p for p in tmp_path.iterdir() if "journal" in p.name]
+    assert sum(p.stat().st_size for p in files) < 1024, [(p.name, p.stat().st_size) for p in files]
+    q.close()
+    assert drain(open_queue(str(tmp_path), max_bytes=1 << 20)) == []
