@@ -14,13 +14,14 @@ from collections import Counter
 
 import pytest
 
-from helpers import Daemon, RawClient, start_nsqd, wait_for
+from helpers import Daemon, RawClient, channel_stats, start_nsqd, wait_for
 from pynsqd.protocol import FRAME_TYPE_ERROR
 
 NO_SUCH_ID = b"0" * 16
 
 
-def channel_stats(daemon: Daemon, topic: str) -> dict[str, dict]:
+def depths(daemon: Daemon, topic: str) -> dict[str, dict]:
+    """/stats of a topic ("") and of each of its channels (by name)."""
     t = daemon.stats(topic)["topics"][0]
     return {c["channel_name"]: c for c in t["channels"]} | {"": t}
 
@@ -62,7 +63,7 @@ def consume_all(daemon: Daemon, topic: str, channel: str, count: int, timeout: f
 
 
 def nothing_more(daemon: Daemon, topic: str, channel: str) -> bool:
-    st = channel_stats(daemon, topic)[channel]
+    st = channel_stats(daemon, topic, channel)
     return st["depth"] == 0 and st["in_flight_count"] == 0 and st["deferred_count"] == 0
 
 
@@ -78,7 +79,7 @@ def test_loaded_topic_backlog_moves_to_its_channels_at_start(tmp_path):
     bodies = [b"held-%d" % i for i in range(500)]
     with RawClient(d.tcp_port) as p:
         assert p.mpub("held", bodies).data == b"OK"
-    st = channel_stats(d, "held")
+    st = depths(d, "held")
     assert st[""]["depth"] == 500 and st["a"]["depth"] == 0
     assert d.stop() == 0
     # the topic is unpaused while the daemon is down
@@ -90,7 +91,7 @@ def test_loaded_topic_backlog_moves_to_its_channels_at_start(tmp_path):
     d = start_nsqd(str(tmp_path))
     try:
         # nobody publishes: the backlog still reaches both channels
-        wait_for(lambda: [channel_stats(d, "held")[k]["depth"] for k in ("", "a", "b")] == [0, 500, 500], message="backlog drained")
+        wait_for(lambda: [depths(d, "held")[k]["depth"] for k in ("", "a", "b")] == [0, 500, 500], message="backlog drained")
         for ch in ("a", "b"):
             got = consume_all(d, "held", ch, 500)
             assert sorted(m[3] for m in got) == sorted(bodies)
@@ -143,7 +144,7 @@ def test_disk_full_while_draining_pauses_the_drain_and_loses_nothing(small_disk)
 
         wait_for(stuck, timeout=30, message="/ping NOK")
         assert d.proc.poll() is None, "the daemon exited"
-        st = channel_stats(d, "big")
+        st = depths(d, "big")
         assert 0 < st["b"]["depth"] + st["a"]["depth"] < 2 * n
         # b's copy of what it is owed is still in the topic; nothing is lost
         assert st["b"]["depth"] + st[""]["depth"] == n, st
@@ -161,7 +162,7 @@ def test_disk_full_while_draining_pauses_the_drain_and_loses_nothing(small_disk)
         filler.unlink()  # space comes back: the drain resumes by itself
         wait_for(lambda: d.http("GET", "/ping") == (200, b"OK"), timeout=30, message="/ping OK")
         total = n + len(extra)
-        wait_for(lambda: [channel_stats(d, "big")[k]["depth"] for k in ("", "a", "b")] == [0, total, total], timeout=60)
+        wait_for(lambda: [depths(d, "big")[k]["depth"] for k in ("", "a", "b")] == [0, total, total], timeout=60)
         for ch in ("a", "b"):
             got = consume_all(d, "big", ch, total)
             counts = Counter(m[3] for m in got)
@@ -198,7 +199,7 @@ def test_sync_mode_deferred_messages_survive_kill_9_not_before_their_due_time(tm
             assert p.read_response().data == b"OK"
         assert p.pub("req", b"requeued").data == b"OK"
     assert d.http("POST", "/channel/create?topic=later&channel=ch")[0] == 200
-    wait_for(lambda: channel_stats(d, "later")[""]["depth"] == 0, message="moved to the channel")
+    wait_for(lambda: depths(d, "later")[""]["depth"] == 0, message="moved to the channel")
     c = subscriber(d, "req", "ch", rdy=1)
     _, attempts, msg_id, body = c.read_message()
     due[body] = time.time() + delay
@@ -238,7 +239,7 @@ def test_sync_mode_kill_9_during_a_topic_to_channel_copy_duplicates_nothing(tmp_
     d.http("POST", "/topic/unpause?topic=copy")
 
     def midway():
-        st = channel_stats(d, "copy")
+        st = depths(d, "copy")
         return st["a"]["depth"] >= 5000 and st[""]["depth"] > 0
 
     wait_for(midway, interval=0.002, message="the copy under way")
@@ -246,7 +247,7 @@ def test_sync_mode_kill_9_during_a_topic_to_channel_copy_duplicates_nothing(tmp_
 
     d = start_nsqd(str(tmp_path), "--sync-every=1")
     try:
-        wait_for(lambda: channel_stats(d, "copy")[""]["depth"] == 0, timeout=60)
+        wait_for(lambda: depths(d, "copy")[""]["depth"] == 0, timeout=60)
         for ch in ("a", "b"):
             got = consume_all(d, "copy", ch, n)
             ids = Counter(m[2] for m in got)
