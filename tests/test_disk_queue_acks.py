@@ -66,20 +66,13 @@ def test_acked_files_are_deleted_after_sync(tmp_path):
     q.close()
 
 
+def operations(max_size: int, **ranges: tuple[int, int]) -> st.SearchStrategy:
+    """Lists of (name, argument) with each argument drawn from its name's range."""
+    return st.lists(st.one_of(*(st.tuples(st.just(op), st.integers(*r)) for op, r in ranges.items())), max_size=max_size)
+
+
 @settings(max_examples=60, deadline=None)
-@given(
-    ops=st.lists(
-        st.one_of(
-            st.tuples(st.just("put"), st.integers(1, 6)),
-            st.tuples(st.just("get"), st.integers(1, 4)),
-            st.tuples(st.just("ack"), st.integers(0, 50)),
-            st.tuples(st.just("attempts"), st.integers(0, 50)),
-            st.tuples(st.just("sync"), st.just(0)),
-            st.tuples(st.just("crash"), st.just(0)),
-        ),
-        max_size=60,
-    )
-)
+@given(ops=operations(60, put=(1, 6), get=(1, 4), ack=(0, 50), attempts=(0, 50), sync=(0, 0), crash=(0, 0)))
 def test_model(tmp_path_factory, ops):
     path = str(tmp_path_factory.mktemp("dq"))
     q = open_queue(path)
@@ -158,19 +151,8 @@ def kill(q: DiskQueue) -> None:
 
 @settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "80")), deadline=None)
 @given(
-    ops=st.lists(
-        st.one_of(
-            st.tuples(st.just("put"), st.integers(1, 5)),
-            st.tuples(st.just("put_noted"), st.integers(1, 3)),
-            st.tuples(st.just("get"), st.integers(1, 4)),
-            st.tuples(st.just("ack"), st.integers(0, 50)),
-            st.tuples(st.just("note"), st.integers(0, 50)),
-            st.tuples(st.just("again"), st.integers(0, 50)),
-            st.tuples(st.just("sync"), st.just(0)),
-            st.tuples(st.just("kill"), st.just(0)),
-            st.tuples(st.just("crash"), st.just(0)),
-        ),
-        max_size=70,
+    ops=operations(
+        70, put=(1, 5), put_noted=(1, 3), get=(1, 4), ack=(0, 50), note=(0, 50), again=(0, 50), sync=(0, 0), kill=(0, 0), crash=(0, 0)
     )
 )
 def test_model_with_journal(tmp_path_factory, ops):
