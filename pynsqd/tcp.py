@@ -6,10 +6,22 @@ process), the writer (flush the client's output buffer by nsqd's rules, one
 ``send_all`` per flush) and the heartbeat ticker.  When any of them ends the
 connection is over: the others are cancelled and the channel gets the
 client's in-flight messages back.
+
+How a connection ends is part of the wire contract.  The kernel answers a
+``close()`` that finds unread input with RST instead of FIN, and a client
+then reads ECONNRESET (some clients mishandle it) where nsqd's clients see
+an orderly EOF.  So the reader never stops reading while it waits for
+anything else (a full socket, an fsync), and every close the daemon makes
+is a lingering one (:class:`LingeringSocketStream`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,6 +37,89 @@ if TYPE_CHECKING:
 RECEIVE_SIZE = 256 * 1024
 MAGIC_TIMEOUT = 30.0
 INF = float("inf")
+# how long a closing connection waits for the peer to take our FIN
+LINGER_TIMEOUT = 1.0
+LINGER_POLL = 0.005
+# SIOCOUTQ: bytes sent but not yet acknowledged (our FIN counts as one)
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+# the reader writes replies itself with a non-blocking write(2)
+_INLINE_WRITE = os.name == "posix"
+
+
+class LingeringSocketStream(trio.abc.HalfCloseableStream):
+    """A TCP stream whose close the client always reads as an orderly EOF.
+
+    ``aclose`` half-closes first (our FIN goes out behind everything already
+    sent), then keeps reading and discarding until the peer has acknowledged
+    that FIN or closed its side (at most :data:`LINGER_TIMEOUT`), and only
+    then closes the socket.  Input that arrives after that may still draw an
+    RST from the kernel, but the client has already seen the EOF.  Stream
+    wrappers (TLS, snappy, deflate) close down to this.
+
+    (trio.SocketStream cannot be subclassed: this wraps one, its I/O methods
+    bound straight through so reads and writes cost no extra call.)"""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.socket = stream.socket
+        self.send_all = stream.send_all  # type: ignore[method-assign]
+        self.receive_some = stream.receive_some  # type: ignore[method-assign]
+        self.wait_send_all_might_not_block = stream.wait_send_all_might_not_block  # type: ignore[method-assign]
+        self.send_eof = stream.send_eof  # type: ignore[method-assign]
+
+    # the abstract methods, for the ABC (instances use the bound ones above)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def wait_send_all_might_not_block(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:  # pragma: no cover
+        raise NotImplementedError
+
+    async def send_eof(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        sock = self.socket
+        if sock.fileno() != -1:
+            try:
+                with trio.move_on_after(LINGER_TIMEOUT):
+                    await _linger(sock)
+            finally:
+                sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def _linger(sock: trio.socket.SocketType) -> None:
+    fd = sock.fileno()
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the peer reset or is gone: nothing to be orderly about
+        return
+    while _discard_input(fd) and _unacknowledged(fd):
+        with trio.move_on_after(LINGER_POLL):
+            await trio.lowlevel.wait_readable(sock)
+
+
+def _discard_input(fd: int) -> bool:
+    """Read what has arrived; False once the peer closed (or reset)."""
+    try:
+        while True:
+            if not os.read(fd, RECEIVE_SIZE):
+                return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _unacknowledged(fd: int) -> bool:
+    if _OUTQ is None:  # no way to ask: the FIN was at least queued
+        return False
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))[0] > 0
+    except OSError:
+        return False
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -65,7 +160,8 @@ class ConnectionV2:
         finally:
             self.proto.connection_lost()
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(1):
+                # bounded: a TLS close_notify to a client that reads nothing
+                with trio.move_on_after(2 * LINGER_TIMEOUT):
                     await self.stream.aclose()
             self.log.info("TCP: client closed")
 
@@ -118,10 +214,10 @@ class ConnectionV2:
         finally:
             self._processing = False
         nsqd = self.nsqd
-        if nsqd.sync_pending():
+        if client.out and nsqd.sync_pending():
             # acknowledge nothing before it is as durable as --sync-every asks:
             # the writer holds this connection's replies until the sync is done
-            client = self.client
+            # (a batch with nothing to say - FIN, NOP, RDY - keeps reading)
             client.hold_output = True
             try:
                 await nsqd.sync_barrier()
@@ -133,10 +229,29 @@ class ConnectionV2:
         if client.heartbeat_interval != self._heartbeat_interval:
             self._reset_heartbeat()
         if client.out and not client.hold_output:
-            if client.flush_now and not client.closing_connection and self._send_lock.locked() is False:
-                await self._send(client.take_output())
-            else:
+            if not (client.flush_now and not client.closing_connection and self._write_now()):
                 self._wake()
+
+    def _write_now(self) -> bool:
+        """Write the output from the reader, without ever blocking it (a
+        reader stuck on a full socket would leave the client's commands
+        unread).  False: the writer task must send (what is left)."""
+        stream = self.stream
+        if not _INLINE_WRITE or type(stream) is not LingeringSocketStream or self._send_lock.locked():
+            return False
+        client = self.client
+        data = client.take_output()
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return True
+        rest = data[sent:]
+        client.out.insert(0, rest)
+        client.out_size += len(rest)
+        client.flush_now = True
+        return False
 
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Upgrade):
@@ -256,9 +371,10 @@ class ConnectionV2:
             scope.cancel()
 
 
-async def handle_connection(nsqd: NSQD, stream: trio.SocketStream) -> None:
+async def handle_connection(nsqd: NSQD, stream: LingeringSocketStream) -> None:
     remote = _peer(stream)
     buf = b""
+    serve = False
     try:
         with trio.move_on_after(MAGIC_TIMEOUT):
             while len(buf) < 4:
@@ -266,28 +382,26 @@ async def handle_connection(nsqd: NSQD, stream: trio.SocketStream) -> None:
                 if not data:
                     break
                 buf += data
-        if len(buf) < 4:
-            await stream.aclose()
-            return
-        if buf[:4] != MAGIC_V2:
+        if buf[:4] == MAGIC_V2:
+            serve = not nsqd.exiting
+        elif len(buf) >= 4:
             nsqd.log.error("client bad protocol magic", client=remote, magic=repr(buf[:4]))
             with trio.move_on_after(1):
                 await stream.send_all(encode_frame(FRAME_TYPE_ERROR, b"E_BAD_PROTOCOL"))
-            await stream.aclose()
-            return
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-        await stream.aclose()
-        return
-    if nsqd.exiting:
-        await stream.aclose()
-        return
-    await ConnectionV2(nsqd, stream, remote).run(buf[4:])
+        pass
+    finally:
+        if not serve:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+    if serve:
+        await ConnectionV2(nsqd, stream, remote).run(buf[4:])
 
 
 async def serve_tcp(nsqd: NSQD, listener: trio.SocketListener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await handle_connection(nsqd, stream)
+            await handle_connection(nsqd, LingeringSocketStream(stream))
         except Exception:
             # a bug met by one connection must not take the daemon down
             nsqd.log.exception("TCP: connection failed", client=_peer(stream))
