@@ -206,6 +206,38 @@ def start_nsqlookupd(*extra: str) -> Daemon:
     return daemon
 
 
+def go_nsq_binary(name: str) -> str | None:
+    """The path of a Go NSQ 1.3.0 binary (``nsqd``, ``nsqlookupd``...) from
+    the shared folder beside the repository (or ``$GO_NSQ_DIR``), if there."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    given = os.environ.get("GO_NSQ_DIR", "")  # the binaries' folder, or the one holding go-nsq-1.3.0
+    candidates = [given, os.path.join(given, "go-nsq-1.3.0")] if given else []
+    while True:
+        candidates.append(os.path.join(here, "shared", "go-nsq-1.3.0"))
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    for folder in candidates:
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+GO_NSQD_MISSING = "Go nsqd 1.3.0 binary not found (shared/go-nsq-1.3.0 beside the repository, or $GO_NSQ_DIR)"
+
+
+def start_go_nsqd(data_path: str, *extra: str) -> Daemon:
+    """Go nsqd 1.3.0 on loopback ephemeral ports (callers skip when
+    :func:`go_nsq_binary` finds none)."""
+    binary = go_nsq_binary("nsqd")
+    assert binary is not None, GO_NSQD_MISSING
+    daemon = Daemon([binary, "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", f"--data-path={data_path}", *extra])
+    daemon.wait_listening()
+    return daemon
+
+
 def start_nsqadmin(*extra: str) -> Daemon:
     daemon = Daemon([sys.executable, "-m", "pynsqadmin", "--http-address=127.0.0.1:0", *extra])
     daemon.wait_listening(("HTTP",))
