@@ -186,7 +186,10 @@ class ProtocolV2:
 
     def _fail(self, err: ProtocolError) -> Action:
         self.nsqd.log.error("client error", client=self.client.remote_address, error=str(err))
-        self.client.send_error(err)
+        client = self.client
+        client.send_error(err)
+        # the error is the last frame: no message may follow it
+        client.ready_count = 0
         self._failed = True
         return CLOSE
 
