@@ -31,11 +31,20 @@ times), records stored again (``put_again()``), and how far a topic's backlog
 was copied into this queue (``mark``, with a crash in the middle of a copy
 detected and its remains skipped).  A token is the record's position key.
 
-Recovery does not trust the metadata beyond the read position: at start every
-unread file is scanned, so depth, the write position and a torn or corrupt
-tail are taken from the records themselves.  Good records before a corrupt
-spot are served, new writes go to a fresh file, and a corrupt file is renamed
-``.bad`` once it has been read (never appended to, never renamed in a loop).
+Recovery treats the metadata as a hint checked against the files: at start
+every unread file is scanned, so depth, the write position and a torn or
+corrupt tail are taken from the records themselves.  Good records before a
+corrupt spot are served, new writes go to a fresh file, and a corrupt file is
+renamed ``.bad`` once it has been read (never appended to, never renamed in a
+loop).  The read position is believed only where the metadata agrees with
+the files (its window between read and write position holds ``depth``
+records, and the read position lies within its file's records); then files
+before it are leftovers of a crash between metadata and unlink, and go.
+Otherwise no file it says was read is deleted: the records its depth still
+counts as unread are served (the last ones before its read position, never
+more), and the rest are kept in ``.bad`` files, with one ERROR line saying how
+many of each.  A shortfall explained by damage or missing files (records
+lost, not misplaced) and a depth larger than everything on disk only recount.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ import struct
 import threading
 from collections import deque
 from itertools import chain
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import queue_journal as qj
 from .backend_queue import BackendError
@@ -1030,35 +1039,49 @@ class DiskQueue:
     def _recover(self) -> None:
         meta = self._read_meta()
         live, stale = self._discover(meta)
+        scans: dict[int, _Scan] = {}
+        for i, num in enumerate(live):
+            want = meta[2] if meta is not None and i == 0 and num == meta[1] else 0
+            scans[num] = self._scan(num, want, mark=meta[4] if meta is not None and num == meta[3] else -1)
+        set_aside: list[int] = []  # whole files before the read position, kept as .bad
+        start_prefix = 0  # records before the read position in its file, kept
+        overruled = False
+        if meta is not None:
+            live, set_aside, start_prefix, overruled = self._check_meta(meta, live, scans)
+            if overruled:
+                stale = []  # the metadata is wrong: nothing it says was read is deleted
         for num in stale:
             # read past before a crash beat their deletion: the metadata no longer needs them
             self._log.warning("diskqueue removing already read file", queue=self.name, file=self._file(num))
             _unlink_quiet(self._file(num))
         if not live:
-            self._rfn = self._wfn = max(meta[1], meta[3]) if meta else 0
+            self._rfn = self._wfn = max(meta[1], meta[3], *(n + 1 for n in set_aside)) if meta else 0
         for i, num in enumerate(live):
-            want = meta[2] if meta is not None and i == 0 and num == meta[1] else 0
-            start, count, good_end, size, problem = self._scan(num, want)
+            sc = scans[num]
             if i == 0:
-                if meta is not None and num != meta[1]:
+                if meta is None or overruled:
+                    pass  # _check_meta said why
+                elif num != meta[1]:
                     self._log.warning(
                         "diskqueue read file missing, resuming at the next one",
                         queue=self.name, missing=self._file(meta[1]), file=self._file(num),
                     )
-                elif start != want:
+                elif sc.start != meta[2]:
                     self._log.warning(
                         "diskqueue read position is not a record boundary",
-                        queue=self.name, file=self._file(num), meta_pos=want, pos=start,
+                        queue=self.name, file=self._file(num), meta_pos=meta[2], pos=sc.start,
                     )
-                self._rfn, self._rpos = num, start
-            self._depth += count
-            self._ends[num] = good_end
-            if problem is not None:
+                self._rfn, self._rpos = num, sc.start
+            self._depth += sc.count
+            self._ends[num] = sc.good_end
+            if sc.problem is not None:
                 self._bad.add(num)
                 self._log.error(
                     "diskqueue corrupt data file, serving the records before the damage",
-                    queue=self.name, file=self._file(num), pos=good_end, size=size, reason=problem,
+                    queue=self.name, file=self._file(num), pos=sc.good_end, size=sc.size, reason=sc.problem,
                 )
+        if start_prefix:
+            self._bad.add(live[0])  # its records before the read position stay, in .bad
         if live:
             last = live[-1]
             if last in self._bad:
@@ -1075,16 +1098,105 @@ class DiskQueue:
                 "diskqueue metadata missing, recovered from the data files", queue=self.name, depth=self._depth, files=len(live)
             )
         self._advance_reader()
-        if (meta is not None and state != meta) or (meta is None and live) or stale or self._pending_delete:
+        if (meta is not None and state != meta) or (meta is None and live) or stale or set_aside or self._pending_delete:
             self.sync()
 
-    def _scan(self, num: int, want: int) -> tuple[int, int, int, int, str | None]:
+    def _check_meta(self, meta: _Meta, live: list[int], scans: dict[int, _Scan]) -> tuple[list[int], list[int], int, bool]:
+        """Check the metadata against the files: does its window (read to
+        write position) hold ``depth`` records, is its read position inside
+        its file?  Where it is wrong, the records before its read position
+        that its depth counts as unread are served again (never more than
+        the depth), and every record before the read position is kept
+        (``.bad``) instead of deleted.
+
+        Returns (files to serve, files set aside, records kept before the
+        read position in the first file to serve, whether the metadata was
+        overruled); ``scans`` gets the scans of the files to serve."""
+        depth, rfn, rpos, wfn, wpos = meta
+        first = live[0] if live else None
+        # a read position past its file's records or inside one: which of
+        # them were served is unknown
+        misplaced = first is not None and first == rfn and rpos != scans[first].start
+        # the read file or a file before the write file gone, or damaged:
+        # records are missing from the window, not behind the read position
+        lossy = first is not None and (first != rfn or any(n not in scans for n in range(first, min(wfn, live[-1]) + 1)))
+        window: int | None = None
+        total = 0
+        for num in live:
+            sc = scans[num]
+            if num >= wfn:
+                if num == wfn and sc.at_mark is not None and sc.at_mark >= sc.before:
+                    window = total + sc.at_mark - sc.before
+                break  # files after the write file came after the metadata
+            total += sc.count
+            lossy = lossy or sc.problem is not None
+        if wfn not in scans and wpos == 0:
+            window = total  # the write file had no data yet
+        if window is None and wfn in scans and scans[wfn].problem is not None:
+            lossy = True  # the write position lies in or past damage
+        # a write position that is nowhere in the files
+        misplaced = misplaced or (window is None and not lossy)
+        counted = sum(scans[n].count for n in live)
+        shortfall = depth - (window if window is not None else counted)
+        if not misplaced and (shortfall <= 0 or lossy):
+            return live, [], 0, False  # consistent, behind the files (writes after its sync), or lossy
+        earlier = [n for n in self._list_files() if first is None or n < first]
+        counts = {n: self._scan(n, 0).count for n in earlier}
+        prefix = scans[first].before if first is not None else 0
+        available = prefix + sum(counts.values())
+        # serve the last ``shortfall`` records before the read position again
+        # (none if the depth claims more than the whole disk holds: then the
+        # depth is what is wrong)
+        back = served = shortfall if 0 < shortfall <= available else 0
+        to_serve = list(live)
+        candidates = ([(first, prefix)] if first is not None else []) + [(n, counts[n]) for n in reversed(earlier)]
+        for num, have in candidates:
+            if num != first:
+                to_serve.insert(0, num)
+            if back <= have:
+                scans[num] = self._scan(num, self._record_pos(num, have - back))
+                break
+            back -= have
+            scans[num] = self._scan(num, 0)
+        start = to_serve[0] if to_serve else None
+        set_aside = [n for n in earlier if start is None or n < start]
+        kept_in_start = scans[start].before if start is not None else 0
+        kept = kept_in_start + sum(counts[n] for n in set_aside)
+        if served or kept:
+            self._log.error(
+                "diskqueue metadata disagrees with the data files: records it counts as unread served again, "
+                "records before its read position kept aside",
+                queue=self.name, meta=meta, records_on_disk=counted + available, served_again=served, kept=kept,
+                kept_in=[self._file(n) + ".bad" for n in set_aside] + ([self._file(start) + ".bad"] if kept_in_start else []),
+            )
+        for num in set_aside:
+            self._set_aside(num)
+        return to_serve, set_aside, kept_in_start, True
+
+    def _set_aside(self, num: int) -> None:
+        """Rename a data file whose records will not be served to ``.bad``
+        (a new name if an older ``.bad`` has it)."""
+        path = self._file(num)
+        target = path + ".bad"
+        k = 1
+        while os.path.exists(target):
+            target = f"{path}.{k}.bad"
+            k += 1
+        os.replace(path, target)
+
+    def _record_pos(self, num: int, index: int) -> int:
+        """The byte position of record ``index`` (0-based) of a file."""
+        return self._scan(num, 0, nth=index).at_nth
+
+    def _scan(self, num: int, want: int, *, mark: int = -1, nth: int = -1) -> _Scan:
         """Walk a file's record headers.
 
-        Returns (start, count, good_end, size, problem): start is the last
-        record boundary <= want, count the records from there to good_end,
-        the end of the last intact record; problem says why the walk stopped
-        short of the file's size (None when it did not).
+        ``start`` is the last record boundary <= want, ``before`` the records
+        before it and ``count`` those from there to ``good_end``, the end of
+        the last intact record; ``problem`` says why the walk stopped short of
+        the file's size (None when it did not).  ``at_mark``: the records
+        before position ``mark`` if it is a boundary; ``at_nth``: the
+        position of record ``nth``.
         """
         fd = os.open(self._file(num), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -1094,10 +1206,15 @@ class DiskQueue:
             chunk = b""
             coff = 0
             pos = start = count = before = 0
+            at_mark = at_nth = None
             problem = None
             while pos < size:
                 if pos <= want:
                     start, before = pos, count
+                if pos == mark:
+                    at_mark = count
+                if count == nth:
+                    at_nth = pos
                 if pos + 4 > size:
                     problem = "file ends inside a record header"
                     break
@@ -1117,12 +1234,26 @@ class DiskQueue:
                     break
                 pos += 4 + n
                 count += 1
-            else:
-                if pos <= want:
-                    start, before = pos, count
-            return start, count - before, pos, size, problem
+            if pos <= want:
+                start, before = pos, count
+            if pos == mark:
+                at_mark = count
+            if count == nth:
+                at_nth = pos
+            return _Scan(start, before, count - before, pos, size, problem, at_mark, at_nth if at_nth is not None else pos)
         finally:
             os.close(fd)
+
+
+class _Scan(NamedTuple):
+    start: int
+    before: int
+    count: int
+    good_end: int
+    size: int
+    problem: str | None
+    at_mark: int | None
+    at_nth: int
 
 
 def _noop() -> None:

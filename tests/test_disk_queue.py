@@ -12,7 +12,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
@@ -375,12 +375,173 @@ def test_read_pos_not_on_a_record_boundary_redelivers_rather_than_skips(tmp_path
     assert drain(q) == recs(1, 3)
 
 
-def test_read_pos_beyond_the_end_of_a_file(tmp_path: Path) -> None:
+def bad_records(path: Path, name: str = NAME) -> list[bytes]:
+    """The records kept in this queue's .bad files."""
+    out = []
+    for p in sorted(path.glob(f"{name}.diskqueue.*.bad")):
+        out += parse_dat(p.read_bytes())
+    return out
+
+
+def overruled(log: RecordingLogger) -> dict:
+    [kw] = [kw for lv, e, kw in log.events if lv == "error" and e.startswith("diskqueue metadata disagrees")]
+    return kw
+
+
+def test_read_pos_beyond_the_end_of_a_file_keeps_the_file(tmp_path: Path) -> None:
+    # which of file 0's records were served cannot be known; its depth says
+    # they were: they are kept aside (.bad, ERROR with the count), not deleted
     dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 3)))
     dat_name(tmp_path, 1).write_bytes(build_dat(recs(3, 4)))
     meta_name(tmp_path).write_bytes(b"1\n0,900\n1,24\n")
-    q = make(tmp_path)
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
     assert drain(q) == recs(3, 4)
+    q.sync()
+    assert bad_records(tmp_path) == recs(0, 3)
+    assert overruled(log)["kept"] == 3 and overruled(log)["served_again"] == 0
+
+
+def test_read_pos_beyond_the_end_with_a_depth_counting_the_file_serves_it(tmp_path: Path) -> None:
+    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 84)))
+    dat_name(tmp_path, 1).write_bytes(build_dat(recs(84, 100)))
+    meta_name(tmp_path).write_bytes(b"100\n0,999999\n1,%d\n" % (16 * 24))
+    log = RecordingLogger()
+    q = make(tmp_path, max_bytes=84 * 24, logger=log)
+    assert q.depth() == 100
+    assert drain(q) == recs(0, 100)
+    q.sync()
+    assert bad_records(tmp_path) == [] and overruled(log)["served_again"] == 84
+
+
+def test_read_file_past_every_file_serves_what_the_depth_counts(tmp_path: Path) -> None:
+    # the read file number is wrong (7): files 0-2 were never read, as the depth says
+    for i in range(3):
+        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
+    meta_name(tmp_path).write_bytes(b"30\n7,0\n7,0\n")
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
+    assert q.depth() == 30
+    q.put(b"new!")
+    assert drain(q) == recs(0, 30) + [b"new!"]
+    assert overruled(log)["served_again"] == 30 and overruled(log)["kept"] == 0
+
+
+def test_read_equals_write_past_the_last_file_with_a_depth_serves_the_records(tmp_path: Path) -> None:
+    # read = write = last file + 1, depth 25 of the 30 records on disk: the
+    # last 25 come out, the 5 before are kept aside; no data file deleted
+    for i in range(3):
+        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
+    meta_name(tmp_path).write_bytes(b"25\n3,0\n3,0\n")
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
+    assert q.depth() == 25
+    assert drain(q) == recs(5, 30)
+    q.sync()
+    assert bad_records(tmp_path) == recs(0, 10)  # file 0, once read past
+    assert overruled(log)["served_again"] == 25 and overruled(log)["kept"] == 5
+    q.close()
+    assert make(tmp_path).depth() == 0  # and it stays that way
+
+
+def test_consistent_metadata_still_deletes_the_crash_leftovers(tmp_path: Path) -> None:
+    # read = write = last + 1 with depth 0 is the normal state after reading
+    # everything; files just below it are leftovers of a crash before unlink
+    for i in range(2):
+        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
+    meta_name(tmp_path).write_bytes(b"0\n2,0\n2,0\n")
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
+    assert q.depth() == 0 and drain(q) == []
+    assert data_files(tmp_path) == [] and not log.levels("error")
+
+
+def test_read_pos_ahead_of_the_depth_within_a_file(tmp_path: Path) -> None:
+    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 10)))
+    meta_name(tmp_path).write_bytes(b"6\n0,%d\n0,240\n" % (8 * 24))  # depth 6, but 2 records after the read position
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
+    assert drain(q) == recs(4, 10)
+    q.sync()
+    assert bad_records(tmp_path) == recs(0, 10)
+    assert overruled(log)["served_again"] == 4 and overruled(log)["kept"] == 4
+
+
+def test_depth_larger_than_everything_on_disk_serves_nothing_again(tmp_path: Path) -> None:
+    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 3)))
+    meta_name(tmp_path).write_bytes(b"50\n0,24\n0,72\n")
+    log = RecordingLogger()
+    q = make(tmp_path, logger=log)
+    assert drain(q) == recs(1, 3)
+    q.sync()
+    assert overruled(log)["served_again"] == 0 and bad_records(tmp_path) == recs(0, 3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    total=st.integers(0, 40),
+    read=st.data(),
+    wrong=st.tuples(st.integers(-5, 60), st.integers(-1, 8), st.integers(-30, 500), st.integers(-1, 8), st.integers(-30, 500)),
+    which=st.sets(st.sampled_from(range(5)), min_size=1),
+)
+def test_wrong_metadata_never_loses_a_record(tmp_path_factory: pytest.TempPathFactory, total: int, read: st.DataObject, wrong: tuple[int, ...], which: set[int]) -> None:
+    """Whatever parseable values the metadata holds, every record not yet
+    read comes out, or stays in a .bad file; none comes out twice."""
+    path = tmp_path_factory.mktemp("dq")
+    q = make(path, max_bytes=10 * 24)
+    q.put_many(recs(0, total))
+    k = read.draw(st.integers(0, total))
+    assert [q.get() for _ in range(k)] == recs(0, k)
+    q.close()
+    true_meta = parse_meta(meta_name(path).read_bytes())
+    meta = list(true_meta)
+    for i in which:  # some values replaced by wrong ones
+        meta[i] = max(0, wrong[i]) if i else wrong[i]
+    meta_name(path).write_bytes(b"%d\n%d,%d\n%d,%d\n" % tuple(meta))
+    follow = believable(path, tuple(meta))
+    q = make(path, max_bytes=10 * 24)
+    out = drain(q)
+    q.sync()
+    assert len(out) == len(set(out)), "a record came out twice"
+    if follow is not None:
+        # metadata that describes a state the queue could be in is followed
+        # (the truth cannot be told from it): exactly what follows its read position
+        assert out == follow and not bad_records(path)
+        return
+    kept = set(bad_records(path))
+    missing = [r for r in recs(k, total) if r not in out and r not in kept]
+    assert not missing, f"lost {missing} with metadata {meta} (true {true_meta})"
+
+
+def believable(path: Path, meta: tuple[int, ...]) -> list[bytes] | None:
+    """The records after the read position if ``meta``'s positions are
+    consistent with the files (record boundaries, no file missing between
+    them) and its depth claims no more records than lie between them, else
+    None."""
+    depth, rfn, rpos, wfn, wpos = meta
+    files = {}
+    for p in path.iterdir():
+        m = re.fullmatch(re.escape(NAME) + r"\.diskqueue\.(\d{6})\.dat", p.name)
+        if m:
+            files[int(m.group(1))] = parse_dat(p.read_bytes())
+
+    def index(fn: int, pos: int) -> int | None:
+        if fn not in files:
+            return 0 if pos == 0 and not any(n >= fn for n in files) else None
+        return pos // 24 if pos % 24 == 0 and pos // 24 <= len(files[fn]) else None
+
+    ri, wi = index(rfn, rpos), index(wfn, wpos)
+    if ri is None or wi is None or (rfn, rpos) > (wfn, wpos):
+        return None
+    if rfn == wfn:
+        window = wi - ri
+    else:
+        if rfn not in files or any(n not in files for n in range(rfn + 1, wfn)):
+            return None
+        window = len(files[rfn]) - ri + sum(len(files[n]) for n in range(rfn + 1, wfn)) + wi
+    after = files.get(rfn, [])[ri:] + [r for n in sorted(files) if n > rfn for r in files[n]]
+    # a depth at most the window's records says nothing is missing: the positions are followed
+    return after if depth <= window else None
 
 
 # ---------------------------------------------------------------- write and sync errors
