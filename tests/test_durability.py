@@ -331,3 +331,39 @@ def test_disk_full_refuses_publishes_then_recovers(tmp_path):
         assert [m[3] for m in msgs] == acked + [b"after-space"]
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("damage", ["read position past the end of its file", "read file past every file", "read = write = last file + 1"])
+def test_wrong_but_readable_metadata_loses_no_message(tmp_path, damage):
+    # issue 11, defect 6: metadata that parses but disagrees with the files
+    # must not make messages vanish (they used to be dropped, orphaned or
+    # deleted as "already read")
+    flags = ("--mem-queue-size=0", "--max-bytes-per-file=20000")
+    d = start_nsqd(str(tmp_path), *flags)
+    d.http("POST", "/topic/create?topic=meta")
+    d.http("POST", "/channel/create?topic=meta&channel=c")
+    bodies = [b"message-%05d" % i for i in range(3000)]
+    with RawClient(d.tcp_port) as p:
+        for i in range(0, len(bodies), 500):
+            assert p.mpub("meta", bodies[i : i + 500]).data == b"OK"
+    assert d.stop() == 0
+    meta_path = tmp_path / "meta:c.diskqueue.meta.dat"
+    depth, rfn, rpos, wfn, wpos = (int(x) for x in meta_path.read_text().replace(",", "\n").split())
+    assert (depth, rfn, rpos) == (3000, 0, 0) and wfn >= 3
+    if damage == "read position past the end of its file":
+        rpos = (tmp_path / "meta:c.diskqueue.000000.dat").stat().st_size + 1000
+    elif damage == "read file past every file":
+        rfn = wfn = wfn + 4
+        rpos = wpos = 0
+    else:
+        rfn = wfn = wfn + 1
+        rpos = wpos = 0
+    meta_path.write_text(f"{depth}\n{rfn},{rpos}\n{wfn},{wpos}\n")
+    d = start_nsqd(str(tmp_path), *flags)
+    try:
+        msgs = consume(d, "meta", "c", len(bodies))
+        assert sorted(m[3] for m in msgs) == bodies
+        assert any("diskqueue metadata disagrees with the data files" in line for line in d.lines)
+        assert not any(".bad" in p.name for p in tmp_path.iterdir())  # the depth counted them all: all served
+    finally:
+        d.stop()
