@@ -22,7 +22,10 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-from helpers import Daemon, RawClient, channel_stats, http_request, identify_and_upgrade, start_nsqadmin, start_nsqd, start_nsqlookupd, wait_for
+from helpers import (
+    GO_NSQD_MISSING, Daemon, RawClient, channel_stats, go_nsq_binary, http_request, identify_and_upgrade, start_go_nsqd, start_nsqadmin,
+    start_nsqd, start_nsqlookupd, wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_RE = re.compile(r'name="confirm" value="([0-9a-f]+)"')
@@ -408,29 +411,17 @@ def test_base_path(cluster, unique):
 # ---------------------------------------------------------------- Go's daemons
 
 
-def go_binaries() -> Path | None:
-    for base in (os.environ.get("GO_NSQ_DIR", ""), ROOT.parent / "shared", ROOT.parent.parent / "shared"):
-        if not base:
-            continue
-        path = Path(base) if str(base).endswith("go-nsq-1.3.0") else Path(base) / "go-nsq-1.3.0"
-        if (path / "nsqd").exists() and (path / "nsqlookupd").exists():
-            return path
-    return None
-
-
 def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
-    go = go_binaries()
-    if go is None:
-        pytest.skip("Go NSQ 1.3.0 binaries not found (../shared/go-nsq-1.3.0 or $GO_NSQ_DIR)")
-    lookupd = Daemon([str(go / "nsqlookupd"), "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1"])
+    go_lookupd = go_nsq_binary("nsqlookupd")
+    if go_lookupd is None or go_nsq_binary("nsqd") is None:
+        pytest.skip(GO_NSQD_MISSING)
+    lookupd = Daemon([go_lookupd, "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1"])
     nsqd = admin = None
     try:
         lookupd.wait_listening()
-        nsqd = Daemon([
-            str(go / "nsqd"), "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", f"--data-path={tmp_path}",
-            "--broadcast-address=127.0.0.1", f"--lookupd-tcp-address=127.0.0.1:{lookupd.tcp_port}", "--e2e-processing-latency-percentile=0.99",
-        ])
-        nsqd.wait_listening()
+        nsqd = start_go_nsqd(
+            str(tmp_path), "--broadcast-address=127.0.0.1", f"--lookupd-tcp-address=127.0.0.1:{lookupd.tcp_port}", "--e2e-processing-latency-percentile=0.99",
+        )
         publish(nsqd, unique, [b"go"] * 4)
         assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=gch")[0] == 200
         publish(nsqd, unique, [b"go"] * 3)
