@@ -1072,7 +1072,7 @@ class DiskQueue:
                         queue=self.name, file=self._file(num), meta_pos=meta[2], pos=sc.start,
                     )
                 self._rfn, self._rpos = num, sc.start
-            self._depth += sc.count
+            self._depth += sc.records
             self._ends[num] = sc.good_end
             if sc.problem is not None:
                 self._bad.add(num)
@@ -1128,7 +1128,7 @@ class DiskQueue:
                 if num == wfn and sc.at_mark is not None and sc.at_mark >= sc.before:
                     window = total + sc.at_mark - sc.before
                 break  # files after the write file came after the metadata
-            total += sc.count
+            total += sc.records
             lossy = lossy or sc.problem is not None
         if wfn not in scans and wpos == 0:
             window = total  # the write file had no data yet
@@ -1136,12 +1136,12 @@ class DiskQueue:
             lossy = True  # the write position lies in or past damage
         # a write position that is nowhere in the files
         misplaced = misplaced or (window is None and not lossy)
-        counted = sum(scans[n].count for n in live)
+        counted = sum(scans[n].records for n in live)
         shortfall = depth - (window if window is not None else counted)
         if not misplaced and (shortfall <= 0 or lossy):
             return live, [], 0, False  # consistent, behind the files (writes after its sync), or lossy
         earlier = [n for n in self._list_files() if first is None or n < first]
-        counts = {n: self._scan(n, 0).count for n in earlier}
+        counts = {n: self._scan(n, 0).records for n in earlier}
         prefix = scans[first].before if first is not None else 0
         available = prefix + sum(counts.values())
         # serve the last ``shortfall`` records before the read position again
@@ -1167,7 +1167,7 @@ class DiskQueue:
                 "diskqueue metadata disagrees with the data files: records it counts as unread served again, "
                 "records before its read position kept aside",
                 queue=self.name, meta=meta, records_on_disk=counted + available, served_again=served, kept=kept,
-                kept_in=[self._file(n) + ".bad" for n in set_aside] + ([self._file(start) + ".bad"] if kept_in_start else []),
+                kept_in=[self._file(n) + ".bad" for n in set_aside] + ([self._file(start) + ".bad"] if start is not None and kept_in_start else []),
             )
         for num in set_aside:
             self._set_aside(num)
@@ -1248,7 +1248,7 @@ class DiskQueue:
 class _Scan(NamedTuple):
     start: int
     before: int
-    count: int
+    records: int
     good_end: int
     size: int
     problem: str | None

@@ -122,7 +122,7 @@ def _unacknowledged(fd: int) -> bool:
         return False
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream | LingeringSocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
