@@ -1192,7 +1192,7 @@ class DiskQueue:
         """Walk a file's record headers.
 
         ``start`` is the last record boundary <= want, ``before`` the records
-        before it and ``count`` those from there to ``good_end``, the end of
+        before it and ``records`` those from there to ``good_end``, the end of
         the last intact record; ``problem`` says why the walk stopped short of
         the file's size (None when it did not).  ``at_mark``: the records
         before position ``mark`` if it is a boundary; ``at_nth``: the
@@ -1208,13 +1208,15 @@ class DiskQueue:
             pos = start = count = before = 0
             at_mark = at_nth = None
             problem = None
-            while pos < size:
+            while True:  # at each record boundary
                 if pos <= want:
                     start, before = pos, count
                 if pos == mark:
                     at_mark = count
                 if count == nth:
                     at_nth = pos
+                if pos >= size:
+                    break
                 if pos + 4 > size:
                     problem = "file ends inside a record header"
                     break
@@ -1234,12 +1236,6 @@ class DiskQueue:
                     break
                 pos += 4 + n
                 count += 1
-            if pos <= want:
-                start, before = pos, count
-            if pos == mark:
-                at_mark = count
-            if count == nth:
-                at_nth = pos
             return _Scan(start, before, count - before, pos, size, problem, at_mark, at_nth if at_nth is not None else pos)
         finally:
             os.close(fd)

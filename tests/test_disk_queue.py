@@ -383,6 +383,15 @@ def bad_records(path: Path, name: str = NAME) -> list[bytes]:
     return out
 
 
+def recover(path: Path, files: dict[int, list[bytes]], meta: bytes, **kw: object) -> tuple[DiskQueue, RecordingLogger]:
+    """Open a queue on hand-made data files and metadata."""
+    for num, records in files.items():
+        dat_name(path, num).write_bytes(build_dat(records))
+    meta_name(path).write_bytes(meta)
+    log = RecordingLogger()
+    return make(path, logger=log, **kw), log
+
+
 def overruled(log: RecordingLogger) -> dict:
     [kw] = [kw for lv, e, kw in log.events if lv == "error" and e.startswith("diskqueue metadata disagrees")]
     return kw
@@ -391,11 +400,7 @@ def overruled(log: RecordingLogger) -> dict:
 def test_read_pos_beyond_the_end_of_a_file_keeps_the_file(tmp_path: Path) -> None:
     # which of file 0's records were served cannot be known; its depth says
     # they were: they are kept aside (.bad, ERROR with the count), not deleted
-    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 3)))
-    dat_name(tmp_path, 1).write_bytes(build_dat(recs(3, 4)))
-    meta_name(tmp_path).write_bytes(b"1\n0,900\n1,24\n")
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    q, log = recover(tmp_path, {0: recs(0, 3), 1: recs(3, 4)}, b"1\n0,900\n1,24\n")
     assert drain(q) == recs(3, 4)
     q.sync()
     assert bad_records(tmp_path) == recs(0, 3)
@@ -403,11 +408,7 @@ def test_read_pos_beyond_the_end_of_a_file_keeps_the_file(tmp_path: Path) -> Non
 
 
 def test_read_pos_beyond_the_end_with_a_depth_counting_the_file_serves_it(tmp_path: Path) -> None:
-    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 84)))
-    dat_name(tmp_path, 1).write_bytes(build_dat(recs(84, 100)))
-    meta_name(tmp_path).write_bytes(b"100\n0,999999\n1,%d\n" % (16 * 24))
-    log = RecordingLogger()
-    q = make(tmp_path, max_bytes=84 * 24, logger=log)
+    q, log = recover(tmp_path, {0: recs(0, 84), 1: recs(84, 100)}, b"100\n0,999999\n1,%d\n" % (16 * 24), max_bytes=84 * 24)
     assert q.depth() == 100
     assert drain(q) == recs(0, 100)
     q.sync()
@@ -416,11 +417,7 @@ def test_read_pos_beyond_the_end_with_a_depth_counting_the_file_serves_it(tmp_pa
 
 def test_read_file_past_every_file_serves_what_the_depth_counts(tmp_path: Path) -> None:
     # the read file number is wrong (7): files 0-2 were never read, as the depth says
-    for i in range(3):
-        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
-    meta_name(tmp_path).write_bytes(b"30\n7,0\n7,0\n")
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    q, log = recover(tmp_path, {i: recs(10 * i, 10 * i + 10) for i in range(3)}, b"30\n7,0\n7,0\n")
     assert q.depth() == 30
     q.put(b"new!")
     assert drain(q) == recs(0, 30) + [b"new!"]
@@ -430,11 +427,7 @@ def test_read_file_past_every_file_serves_what_the_depth_counts(tmp_path: Path) 
 def test_read_equals_write_past_the_last_file_with_a_depth_serves_the_records(tmp_path: Path) -> None:
     # read = write = last file + 1, depth 25 of the 30 records on disk: the
     # last 25 come out, the 5 before are kept aside; no data file deleted
-    for i in range(3):
-        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
-    meta_name(tmp_path).write_bytes(b"25\n3,0\n3,0\n")
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    q, log = recover(tmp_path, {i: recs(10 * i, 10 * i + 10) for i in range(3)}, b"25\n3,0\n3,0\n")
     assert q.depth() == 25
     assert drain(q) == recs(5, 30)
     q.sync()
@@ -447,20 +440,14 @@ def test_read_equals_write_past_the_last_file_with_a_depth_serves_the_records(tm
 def test_consistent_metadata_still_deletes_the_crash_leftovers(tmp_path: Path) -> None:
     # read = write = last + 1 with depth 0 is the normal state after reading
     # everything; files just below it are leftovers of a crash before unlink
-    for i in range(2):
-        dat_name(tmp_path, i).write_bytes(build_dat(recs(10 * i, 10 * i + 10)))
-    meta_name(tmp_path).write_bytes(b"0\n2,0\n2,0\n")
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    q, log = recover(tmp_path, {i: recs(10 * i, 10 * i + 10) for i in range(2)}, b"0\n2,0\n2,0\n")
     assert q.depth() == 0 and drain(q) == []
     assert data_files(tmp_path) == [] and not log.levels("error")
 
 
 def test_read_pos_ahead_of_the_depth_within_a_file(tmp_path: Path) -> None:
-    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 10)))
-    meta_name(tmp_path).write_bytes(b"6\n0,%d\n0,240\n" % (8 * 24))  # depth 6, but 2 records after the read position
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    # depth 6, but 2 records after the read position
+    q, log = recover(tmp_path, {0: recs(0, 10)}, b"6\n0,%d\n0,240\n" % (8 * 24))
     assert drain(q) == recs(4, 10)
     q.sync()
     assert bad_records(tmp_path) == recs(0, 10)
@@ -468,10 +455,7 @@ def test_read_pos_ahead_of_the_depth_within_a_file(tmp_path: Path) -> None:
 
 
 def test_depth_larger_than_everything_on_disk_serves_nothing_again(tmp_path: Path) -> None:
-    dat_name(tmp_path, 0).write_bytes(build_dat(recs(0, 3)))
-    meta_name(tmp_path).write_bytes(b"50\n0,24\n0,72\n")
-    log = RecordingLogger()
-    q = make(tmp_path, logger=log)
+    q, log = recover(tmp_path, {0: recs(0, 3)}, b"50\n0,24\n0,72\n")
     assert drain(q) == recs(1, 3)
     q.sync()
     assert overruled(log)["served_again"] == 0 and bad_records(tmp_path) == recs(0, 3)
