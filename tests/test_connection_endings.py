@@ -10,10 +10,12 @@ nsqd 1.3.0 with the same expectations: that is the parity being proved."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -52,6 +54,7 @@ class Peer:
 
     def __init__(self, port: int, setup: bytes, command: bytes | None = None, *, fin: bool = False, read: bool = True, silent: bool = False, flood: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = self.sock.getsockname()[1]
         # a flooding client sends faster than any daemon reads: input is
         # always waiting in the daemon's socket
@@ -112,6 +115,11 @@ class Peer:
         with self.lock:
             pass
 
+    def all_delivered(self) -> bool:
+        """Everything this client sent reached the daemon's kernel (none
+        still queued here, e.g. behind a delayed ACK)."""
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0] == 0
+
     def resume(self) -> None:
         self.gate.set()
         self.reading.set()
@@ -170,6 +178,8 @@ def daemon_queues(port: int, peers: list[Peer]) -> dict[int, tuple[int, int]]:
 
 
 def nothing_unread(daemon: Daemon, peers: list[Peer]) -> bool:
+    if not all(p.all_delivered() for p in peers):
+        return False
     queues = daemon_queues(daemon.tcp_port, peers)
     # (a read of the table may miss rows that move while it is read)
     return len(queues) == len(peers) and all(rx == 0 for _, rx in queues.values())
