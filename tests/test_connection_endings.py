@@ -210,8 +210,9 @@ def consumers_in_every_state(daemon: Daemon) -> dict[str, Peer]:
 @pytest.mark.skipif(not __import__("os").path.exists(PROC_NET_TCP), reason="reads the daemon's socket queues from /proc/net/tcp (Linux)")
 def test_sigkill_ends_every_connection_with_eof(kind, tmp_path):
     daemon = start(kind, str(tmp_path))
-    peers = consumers_in_every_state(daemon)
+    peers: dict[str, Peer] = {}
     try:
+        peers = consumers_in_every_state(daemon)
         for p in peers.values():
             p.pause()
         # the daemon reads its clients' input promptly in every state (a
@@ -233,9 +234,13 @@ def test_sigkill_ends_every_connection_with_eof(kind, tmp_path):
 
 def test_sigterm_ends_every_connection_with_eof(kind, tmp_path):
     daemon = start(kind, str(tmp_path))
-    peers = consumers_in_every_state(daemon)
-    flood = Peer(daemon.tcp_port, identify() + b"SUB flow flood\nRDY 0\n", b"NOP\n", flood=True)
+    peers: dict[str, Peer] = {}
+    peers_and_flood: list[Peer] = []
     try:
+        peers = consumers_in_every_state(daemon)
+        peers_and_flood = list(peers.values())
+        flood = Peer(daemon.tcp_port, identify() + b"SUB flow flood\nRDY 0\n", b"NOP\n", flood=True)
+        peers_and_flood.append(flood)
         wait_for(lambda: daemon_queues(daemon.tcp_port, [flood]).get(flood.port, (0, 0))[1] > 0, message="input waiting in the daemon")
         if kind == "go-nsqd":
             # Go nsqd resets a connection whose input arrives while it
@@ -254,7 +259,7 @@ def test_sigterm_ends_every_connection_with_eof(kind, tmp_path):
         if kind == "pynsqd":
             assert flood.wait_ended() == "EOF"
     finally:
-        for p in [*peers.values(), flood]:
+        for p in peers_and_flood:
             p.close()
         daemon.kill()
 

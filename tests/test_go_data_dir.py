@@ -94,7 +94,11 @@ def count_out(d: Daemon, topic: str, channel: str, expected: set[bytes]) -> None
 
 @pytest.mark.parametrize("writer,reader", [("go-nsqd", "pynsqd"), ("pynsqd", "go-nsqd")])
 def test_a_data_directory_moves_between_go_nsqd_and_pynsqd(tmp_path, writer, reader):
-    expected = fill(start(writer, str(tmp_path)))
+    w = start(writer, str(tmp_path))
+    try:
+        expected = fill(w)
+    finally:
+        w.kill()  # (stopped by fill: this only cleans up after a failure)
     d = start(reader, str(tmp_path))
     try:
         topics = {t["topic_name"]: t for t in d.stats()["topics"]}
