@@ -1050,6 +1050,19 @@ class DiskQueue:
             live, set_aside, start_prefix, overruled = self._check_meta(meta, live, scans)
             if overruled:
                 stale = []  # the metadata is wrong: nothing it says was read is deleted
+            elif stale and self._read_file_missing(meta, live):
+                # the read file it names is gone: it cannot vouch for the files
+                # before it either, so they are kept, not deleted
+                kept = sum(self._scan(n, 0).records for n in stale)
+                self._log.error(
+                    "diskqueue read file missing, files before it kept aside",
+                    queue=self.name, meta=meta, missing=self._file(meta[1]), kept=kept,
+                    kept_in=[self._file(n) + ".bad" for n in stale],
+                )
+                for num in stale:
+                    self._set_aside(num)
+                set_aside = stale
+                stale = []
         for num in stale:
             # read past before a crash beat their deletion: the metadata no longer needs them
             self._log.warning("diskqueue removing already read file", queue=self.name, file=self._file(num))
@@ -1172,6 +1185,13 @@ class DiskQueue:
         for num in set_aside:
             self._set_aside(num)
         return to_serve, set_aside, kept_in_start, True
+
+    @staticmethod
+    def _read_file_missing(meta: _Meta, live: list[int]) -> bool:
+        """The metadata's read file should hold records (it is before the
+        write file, or the write position is past its start) but is gone."""
+        _, rfn, _, wfn, wpos = meta
+        return (not live or live[0] != rfn) and (rfn < wfn or wpos > 0)
 
     def _set_aside(self, num: int) -> None:
         """Rename a data file whose records will not be served to ``.bad``

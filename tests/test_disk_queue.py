@@ -445,6 +445,17 @@ def test_consistent_metadata_still_deletes_the_crash_leftovers(tmp_path: Path) -
     assert data_files(tmp_path) == [] and not log.levels("error")
 
 
+def test_read_file_missing_keeps_the_files_before_it(tmp_path: Path) -> None:
+    # read file 1 < write file 2, but file 1 is gone: file 0 cannot be told
+    # to be a leftover of a crash before unlink, so it is kept, not deleted
+    # (found by test_wrong_metadata_never_loses_a_record)
+    q, log = recover(tmp_path, {0: recs(0, 1)}, b"0\n1,0\n2,0\n")
+    assert q.depth() == 0 and drain(q) == []
+    q.sync()
+    assert bad_records(tmp_path) == recs(0, 1)
+    assert any("read file missing" in line for line in log.levels("error"))
+
+
 def test_read_pos_ahead_of_the_depth_within_a_file(tmp_path: Path) -> None:
     # depth 6, but 2 records after the read position
     q, log = recover(tmp_path, {0: recs(0, 10)}, b"6\n0,%d\n0,240\n" % (8 * 24))
