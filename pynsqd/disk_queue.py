@@ -43,8 +43,12 @@ before it are leftovers of a crash between metadata and unlink, and go.
 Otherwise no file it says was read is deleted: the records its depth still
 counts as unread are served (the last ones before its read position, never
 more), and the rest are kept in ``.bad`` files, with one ERROR line saying how
-many of each.  A shortfall explained by damage or missing files (records
-lost, not misplaced) and a depth larger than everything on disk only recount.
+many of each.  A shortfall explained by damage (records lost, not
+misplaced) and a depth larger than everything on disk only recount; where a
+file of its window is gone, its positions are followed but the records
+before its read position are kept, not deleted.  Every data file of the
+queue is found from a directory listing (one for all queues at start-up),
+never by probing numbers, so no file beyond a gap is orphaned.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ _LEN = struct.Struct(">i")  # signed like Go's int32: a negative length is corru
 _ATTEMPTS = struct.Struct(">H")
 _READ_CHUNK = 64 * 1024  # per pread while serving get(); freed once consumed
 _SCAN_CHUNK = 1024 * 1024  # per pread while scanning at start
-_PROBE_LIMIT = 4096  # beyond this many file numbers, list the directory instead of probing
 _JOURNAL_COMPACT_MIN = 1 << 20  # journal bytes before compaction is considered
 _JOURNAL_SPENT_MIN = 64 << 10  # ... or once the read position has passed every fact
 _META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n?\s*\Z")
@@ -94,8 +97,12 @@ class DiskQueue:
         logger: Any = None,
         on_sync_due: Callable[[DiskQueue], None] | None = None,
         track_acks: bool = False,
+        data_files: list[int] | None = None,
     ) -> None:
         self.name = name
+        # this queue's data file numbers, when the owner listed the directory
+        # once for many queues (start-up); else recovery lists it itself
+        self._listed = data_files
         self.data_path = data_path
         self._max_bytes = max_bytes_per_file
         self._min = min_msg_size
@@ -1015,23 +1022,13 @@ class DiskQueue:
         return meta  # type: ignore[return-value]
 
     def _discover(self, meta: _Meta | None) -> tuple[list[int], list[int]]:
-        """Existing data files: (from the read file on, older ones already read)."""
-        if meta is not None and meta[3] - meta[1] <= _PROBE_LIMIT:
-            # probe by number rather than list a directory shared with every other queue
-            _, rfn, _, wfn, _ = meta
-            exists = os.path.exists
-            live = [n for n in range(rfn, wfn + 1) if exists(self._file(n))]
-            n = wfn + 1
-            while exists(self._file(n)):  # rolled after the last sync
-                live.append(n)
-                n += 1
-            stale = []
-            n = rfn - 1
-            while n >= 0 and exists(self._file(n)):
-                stale.append(n)
-                n -= 1
-            return live, sorted(stale)
-        nums = self._list_files()
+        """Existing data files: (from the read file on, older ones already read).
+
+        Every file counts, wherever it lies: probing numbers near the
+        metadata's positions would miss a file beyond a gap, and wrong
+        metadata would then orphan it."""
+        nums = sorted(self._listed) if self._listed is not None else self._list_files()
+        self._listed = None
         if meta is None:
             return nums, []
         return [n for n in nums if n >= meta[1]], [n for n in nums if n < meta[1]]
@@ -1050,19 +1047,6 @@ class DiskQueue:
             live, set_aside, start_prefix, overruled = self._check_meta(meta, live, scans)
             if overruled:
                 stale = []  # the metadata is wrong: nothing it says was read is deleted
-            elif stale and self._read_file_missing(meta, live):
-                # the read file it names is gone: it cannot vouch for the files
-                # before it either, so they are kept, not deleted
-                kept = sum(self._scan(n, 0).records for n in stale)
-                self._log.error(
-                    "diskqueue read file missing, files before it kept aside",
-                    queue=self.name, meta=meta, missing=self._file(meta[1]), kept=kept,
-                    kept_in=[self._file(n) + ".bad" for n in stale],
-                )
-                for num in stale:
-                    self._set_aside(num)
-                set_aside = stale
-                stale = []
         for num in stale:
             # read past before a crash beat their deletion: the metadata no longer needs them
             self._log.warning("diskqueue removing already read file", queue=self.name, file=self._file(num))
@@ -1130,9 +1114,12 @@ class DiskQueue:
         # a read position past its file's records or inside one: which of
         # them were served is unknown
         misplaced = first is not None and first == rfn and rpos != scans[first].start
-        # the read file or a file before the write file gone, or damaged:
-        # records are missing from the window, not behind the read position
-        lossy = first is not None and (first != rfn or any(n not in scans for n in range(first, min(wfn, live[-1]) + 1)))
+        # a file of its window gone (the read file, one before the write
+        # file, the write file once written to): records are missing
+        gone = any(n not in scans for n in range(rfn, wfn + 1 if wpos > 0 else wfn)) or (rpos > 0 and rfn not in scans)
+        # gone or damaged: records are missing from the window, not behind
+        # the read position
+        lossy = gone
         window: int | None = None
         total = 0
         for num in live:
@@ -1151,9 +1138,24 @@ class DiskQueue:
         misplaced = misplaced or (window is None and not lossy)
         counted = sum(scans[n].records for n in live)
         shortfall = depth - (window if window is not None else counted)
-        if not misplaced and (shortfall <= 0 or lossy):
-            return live, [], 0, False  # consistent, behind the files (writes after its sync), or lossy
+        if not misplaced and not gone and (shortfall <= 0 or lossy):
+            return live, [], 0, False  # consistent, behind the files (writes after its sync), or damaged
         earlier = [n for n in self._list_files() if first is None or n < first]
+        if not misplaced and (shortfall <= 0 or lossy):
+            # with a file of its window gone it cannot vouch for what lies
+            # before its read position either: the positions are followed,
+            # but those records are kept (.bad), not deleted
+            prefix = scans[first].before if first is not None else 0
+            kept = prefix + sum(self._scan(n, 0).records for n in earlier)
+            if kept:
+                self._log.error(
+                    "diskqueue metadata names files that are gone: records before its read position kept aside",
+                    queue=self.name, meta=meta, kept=kept,
+                    kept_in=[self._file(n) + ".bad" for n in earlier] + ([self._file(first) + ".bad"] if prefix else []),
+                )
+            for num in earlier:
+                self._set_aside(num)
+            return live, earlier, prefix, True
         counts = {n: self._scan(n, 0).records for n in earlier}
         prefix = scans[first].before if first is not None else 0
         available = prefix + sum(counts.values())
@@ -1185,13 +1187,6 @@ class DiskQueue:
         for num in set_aside:
             self._set_aside(num)
         return to_serve, set_aside, kept_in_start, True
-
-    @staticmethod
-    def _read_file_missing(meta: _Meta, live: list[int]) -> bool:
-        """The metadata's read file should hold records (it is before the
-        write file, or the write position is past its start) but is gone."""
-        _, rfn, _, wfn, wpos = meta
-        return (not live or live[0] != rfn) and (rfn < wfn or wpos > 0)
 
     def _set_aside(self, num: int) -> None:
         """Rename a data file whose records will not be served to ``.bad``
@@ -1270,6 +1265,19 @@ class _Scan(NamedTuple):
     problem: str | None
     at_mark: int | None
     at_nth: int
+
+
+def list_data_files(data_path: str) -> dict[str, list[int]]:
+    """Every queue's data file numbers in a data directory, from one listing
+    (what ``DiskQueue(data_files=...)`` takes at start-up)."""
+    out: dict[str, list[int]] = {}
+    for fn in os.listdir(data_path):
+        if not fn.endswith(".dat"):
+            continue
+        name, sep, num = fn[:-4].rpartition(".diskqueue.")
+        if sep and len(num) >= 6 and num.isascii() and num.isdigit() and f"{int(num):06d}" == num:
+            out.setdefault(name, []).append(int(num))
+    return out
 
 
 def _noop() -> None:

@@ -24,6 +24,7 @@ import trio
 from . import NSQ_VERSION, version_string
 from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
+from .disk_queue import DiskQueue, list_data_files
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
 from .auth import Auth
@@ -107,6 +108,7 @@ class NSQD:
         # reply, written through (no memory queue) and kept until FIN
         self.durable = options.sync_every == 1
         self._lock_fd: int | None = None
+        self._data_files: dict[str, list[int]] | None = None  # while loading: queue name -> data files
         self._loading = False
         # called after PUT /config changes options (the lookupd connections)
         self.options_changed_hooks: list[Callable[[], None]] = []
@@ -269,6 +271,8 @@ class NSQD:
         except ValueError as exc:
             raise ValueError(f"failed to parse metadata in {path} - {exc}") from None
         self._loading = True
+        # one directory listing for every queue's recovery
+        self._data_files = list_data_files(self.data_path)
         try:
             for t in data.get("topics") or []:
                 name = t.get("name", "")
@@ -288,6 +292,7 @@ class NSQD:
                         channel.pause()
         finally:
             self._loading = False
+            self._data_files = None
 
     # ------------------------------------------------------------ config
 
@@ -322,10 +327,6 @@ class NSQD:
     def _default_backend(self, name: str, ephemeral: bool) -> BackendQueue:
         if ephemeral:
             return DummyBackendQueue()
-        try:
-            from .disk_queue import DiskQueue
-        except ImportError:  # pragma: no cover - only while the disk queue is absent
-            return DummyBackendQueue()
         o = self.options
         return DiskQueue(
             name,
@@ -336,6 +337,7 @@ class NSQD:
             sync_every=o.sync_every,
             on_sync_due=self._mark_sync_due,
             track_acks=self.durable,
+            data_files=self._data_files.get(name, []) if self._data_files is not None else None,
         )
 
     # ------------------------------------------------------------ topics

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from pynsqd.backend_queue import BackendError
-from pynsqd.disk_queue import DiskQueue
+from pynsqd.disk_queue import DiskQueue, list_data_files
 from pynsqd.protocol import encode_message
 
 NAME = "topic:chan"  # channel queues are named <topic>:<channel>, kept as is in the file names
@@ -453,7 +453,24 @@ def test_read_file_missing_keeps_the_files_before_it(tmp_path: Path) -> None:
     assert q.depth() == 0 and drain(q) == []
     q.sync()
     assert bad_records(tmp_path) == recs(0, 1)
-    assert any("read file missing" in line for line in log.levels("error"))
+    assert any("files that are gone" in line for line in log.levels("error"))
+
+
+def test_a_file_beyond_a_gap_is_found_whatever_the_metadata_says(tmp_path: Path) -> None:
+    # metadata reset to an empty queue at file 0 while file 2 holds records:
+    # probing numbers near the metadata would never reach it
+    q, _ = recover(tmp_path, {2: recs(0, 3)}, b"0\n0,0\n0,0\n")
+    assert drain(q) == recs(0, 3)
+
+
+def test_one_listing_gives_every_queue_its_files(tmp_path: Path) -> None:
+    for fn in ("t.diskqueue.000000.dat", "t.diskqueue.000007.dat", "t:c.diskqueue.000001.dat",
+               "a.b.diskqueue.1234567.dat", "t.diskqueue.meta.dat", "t.diskqueue.000002.dat.bad",
+               "t.diskqueue.12.dat", "t.pynsqd-journal.0"):
+        (tmp_path / fn).write_bytes(b"")
+    assert {k: sorted(v) for k, v in list_data_files(str(tmp_path)).items()} == {
+        "t": [0, 7], "t:c": [1], "a.b": [1234567],
+    }
 
 
 def test_read_pos_ahead_of_the_depth_within_a_file(tmp_path: Path) -> None:
