@@ -13,7 +13,7 @@ import trio
 
 from . import log as logging
 from . import version_string
-from .flags import run_cli
+from .flags import ParsedFlags, run_cli
 from .listener import ListenError
 
 
@@ -21,6 +21,14 @@ class Daemon(Protocol):
     async def run(self, *, task_status: Any = ...) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+def log_flag_warnings(parsed: ParsedFlags) -> None:
+    """What parsing the flags and --config found worth saying (an unknown
+    config key), once the daemon's logging is set up."""
+    log = logging.get_logger()
+    for warning in parsed.warnings:
+        log.warning(warning)
 
 
 @asynccontextmanager
@@ -64,11 +72,12 @@ def daemon_main(
     on_started: Callable[[Any], None] | None = None,
 ) -> NoReturn:
     """The console entry point of the daemon called ``prog`` (Go's name)."""
-    options, _ = run_cli(prog, options_cls, argv)
+    options, parsed = run_cli(prog, options_cls, argv)
     if options.version:
         print(version_string(prog))
         raise SystemExit(0)
     logging.configure(app=prog, prefix=options.log_prefix, level=options.log_level, fmt=options.log_format)
+    log_flag_warnings(parsed)
     started = (lambda: on_started(options)) if on_started is not None else None
     try:
         code = trio.run(serve_until_signal, make_daemon(options), started)

@@ -11,10 +11,11 @@ is derived from that one definition.
 from __future__ import annotations
 
 import decimal
+import difflib
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -230,6 +231,9 @@ class ParsedFlags:
     values: dict[str, Any]  # attr -> value, only for flags given
     given: set[str]  # attr names given on the command line
     args: list[str]  # positional arguments left over
+    # one line each, for the daemon to log once its logging is set up
+    # (e.g. an unknown key in the --config file)
+    warnings: list[str] = attrs.field(factory=list)
 
 
 def parse_flags(flags: Sequence[Flag], argv: Sequence[str]) -> ParsedFlags:
@@ -347,7 +351,9 @@ def resolve(options_cls: type, argv: Sequence[str], *, config_attr: str = "confi
         for key, value in cfg.items():
             flag = by_cfg.get(key)
             if flag is None:
-                continue  # go-options ignores unknown keys
+                # go-options ignores unknown keys silently; a typo must not be
+                parsed.warnings.append(unknown_config_key(config_path, key, by_cfg))
+                continue
             if flag.attr in parsed.given:
                 continue
             try:
@@ -361,9 +367,37 @@ def resolve(options_cls: type, argv: Sequence[str], *, config_attr: str = "confi
         raise FlagError(str(exc)) from None
 
 
+def unknown_config_key(path: str, key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f'config file {path}: unknown option "{key}" ignored{hint}'
+
+
+_GO_ESCAPES = {"\a": r"\a", "\b": r"\b", "\f": r"\f", "\n": r"\n", "\r": r"\r", "\t": r"\t", "\v": r"\v", '"': r'\"', "\\": r"\\"}
+
+
+def go_quote(text: str) -> str:
+    """Go's ``strconv.Quote``: how ``--help`` shows a string default
+    (``"\\n"``, not a raw line break)."""
+    out = []
+    for ch in text:
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
+
+
 def usage(prog: str, flags: Sequence[Flag]) -> str:
+    """Go's ``flag.PrintDefaults``: sorted by name, string defaults quoted."""
     lines = [f"Usage of {prog}:"]
-    for f in flags:
+    for f in sorted(flags, key=lambda f: f.name):
         if f.hidden:
             continue
         typ = {
@@ -379,7 +413,7 @@ def usage(prog: str, flags: Sequence[Flag]) -> str:
         help_text = f.help
         default = f.default_text()
         if default not in ("", "false", "0s") and not f.is_list:
-            help_text += f' (default "{default}")' if f.kind == "str" else f" (default {default})"
+            help_text += f" (default {go_quote(default)})" if f.kind == "str" else f" (default {default})"
         lines.append(f"    \t{help_text}")
     return "\n".join(lines) + "\n"
 

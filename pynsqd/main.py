@@ -10,6 +10,7 @@ import trio
 
 from . import log as logging_setup
 from . import version_string
+from .daemon import log_flag_warnings
 from .flags import run_cli
 from .nsqd import NSQD, DataPathLocked
 from .options import Options
@@ -40,11 +41,12 @@ async def serve(options: Options) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    options, _ = run_cli("pynsqd", Options, args)
+    options, parsed = run_cli("pynsqd", Options, args)
     if options.version:
         print(version_string("nsqd"))
         return 0
     logging_setup.configure(app="nsqd", prefix=options.log_prefix, level=options.log_level, fmt=options.log_format)
+    log_flag_warnings(parsed)
     try:
         trio.run(serve, options)
     except BaseException as exc:  # noqa: BLE001 - turned into one line below

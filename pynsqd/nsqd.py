@@ -217,9 +217,18 @@ class NSQD:
         return out
 
     def lock_data_path(self) -> None:
-        """flock the data directory as nsqd does, so a second daemon refuses it."""
-        os.makedirs(self.data_path, exist_ok=True)
-        fd = os.open(self.data_path, os.O_RDONLY)
+        """flock the data directory as nsqd does, so a second daemon refuses it.
+
+        A missing directory is an error, as in nsqd: a typo in --data-path
+        must not quietly become a new, empty queue directory."""
+        try:
+            fd = os.open(self.data_path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR:
+                reason = f"--data-path={self.data_path} is not a directory"
+            else:  # nsqd's words: "open /x: no such file or directory"
+                reason = f"open {self.data_path}: {(exc.strerror or str(exc)).lower()}"
+            raise DataPathLocked(f"failed to instantiate nsqd - failed to lock data-path: {reason}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -619,24 +628,51 @@ class NSQD:
         """The daemon is stopping: persist metadata, move what is only in
         memory (queued, in flight, deferred) to disk, close every queue."""
         self.metadata_changed()
+        written = 0
         for topic in self.topics.values():
             # what a full disk kept from a channel joins that channel's memory first
             topic.settle_stall()
             for channel in topic.channels.values():
                 try:
+                    counts = _unsaved_counts(channel)
                     deferrals = channel.flush_to_backend()
                     channel.backend.close()
                     if not channel.ephemeral and not topic.ephemeral:
                         self._save_deferrals(f"{topic.name}:{channel.name}", deferrals)
+                    written += self._log_persisted(f"{topic.name}:{channel.name}", channel, counts)
                 except Exception:
                     self.log.exception("failed to flush channel", topic=topic.name, channel=channel.name)
             try:
+                counts = _unsaved_counts(topic)
                 deferrals = topic.flush_to_backend()
                 topic.backend.close()
                 if not topic.ephemeral:
                     self._save_deferrals(topic.name, deferrals)
+                written += self._log_persisted(topic.name, topic, counts)
             except Exception:
                 self.log.exception("failed to flush topic", topic=topic.name)
+        self.log.info(f"NSQ: persisted {written} in-memory messages to disk at exit", data_path=self.data_path)
+
+    def _log_persisted(self, queue: str, owner: Topic | Channel, counts: dict[str, int]) -> int:
+        """One line per queue that had messages only in memory: what was
+        written to disk at exit, and the depth now on disk."""
+        total = sum(counts.values())
+        if total:
+            fields = {k: v for k, v in counts.items() if v}
+            if isinstance(owner.backend, DummyBackendQueue):  # #ephemeral: memory only
+                self.log.info(f"NSQ: dropped {total} messages of ephemeral {queue}", **fields)
+                return 0
+            self.log.info(f"NSQ: persisted {queue}: {total} messages written to disk", **fields, disk_depth=owner.backend.depth())
+        return total
+
+
+def _unsaved_counts(owner: Topic | Channel) -> dict[str, int]:
+    """Messages a topic or channel holds only in memory (shutdown log)."""
+    return {
+        "memory": len(owner.memory),
+        "in_flight": len(getattr(owner, "in_flight", ())),
+        "deferred": len(getattr(owner, "deferred", ())),
+    }
 
 
 def _run_sync_jobs(jobs: list[Callable[[], None]]) -> list[Exception]:
