@@ -218,6 +218,9 @@ class Reader(NurseryService):
         self.log = get_logger(__name__, f"{topic}/{channel}")
         self.rdy = self._new_rdy(0.0)
         self.connections: dict[str, _ReaderConn] = {}
+        # the last connect/subscribe failure of each nsqd not connected now
+        self.connect_errors: dict[str, BaseException] = {}
+        self._dialled: set[str] = set()
         self._received = 0
         self._finished = 0
         self._requeued = 0
@@ -305,6 +308,7 @@ class Reader(NurseryService):
         finally:
             self._stopping = True
             self._stopped.set()
+            self._notify_conns()  # wake wait_dialled()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         cfg = self.config
@@ -347,6 +351,17 @@ class Reader(NurseryService):
         if self._conns_changed is None:
             raise NotRunningError("the Reader is not started: use `async with Reader(...)` (or start reader.run in a task group)")
         while len(self.connections) < count:
+            await self._conns_changed.wait()
+
+    async def wait_dialled(self) -> None:
+        """Wait until every nsqd of ``nsqd_tcp_addresses`` has been dialled
+        once: subscribed, or its failure in :attr:`connect_errors`.  A
+        program that must fail at once when an nsqd is down or refuses the
+        subscription (go-nsq's ``ConnectToNSQD`` returns that error) checks
+        ``connect_errors`` after it; the Reader itself keeps redialling."""
+        if self._conns_changed is None or self._stopped is None:
+            raise NotRunningError("the Reader is not started: use `async with Reader(...)` (or start reader.run in a task group)")
+        while not self._static <= self._dialled and not self._stopped.is_set():
             await self._conns_changed.wait()
 
     # ------------------------------------------------------------ internals
@@ -439,7 +454,12 @@ class Reader(NurseryService):
             await conn.subscribe(self.topic, self.channel)
         except CONNECT_ERRORS as exc:
             log.error("cannot connect: %s", describe(exc))
+            self.connect_errors[address] = exc
+            self._dialled.add(address)
+            self._notify_conns()
             return False
+        self.connect_errors.pop(address, None)
+        self._dialled.add(address)
         if self._stopping:
             conn.abort()
             await conn.serve(lambda c, e: None)

@@ -147,6 +147,7 @@ class Writer(NurseryService):
         self.log = get_logger(__name__, "writer")
         self.connections: dict[str, _WriterConn] = {}
         self.connect_errors: dict[str, BaseException] = {}
+        self._dialled: set[str] = set()
         self._rr = 0
         self._ready_changed: anyio.Event | None = None
         self._state = "new"  # running, stopping, stopped
@@ -195,6 +196,15 @@ class Writer(NurseryService):
         """Wait until ``count`` nsqds are connected."""
         self._check_running()
         while len(self._usable()) < count:
+            assert self._ready_changed is not None
+            await self._ready_changed.wait()
+
+    async def wait_dialled(self) -> None:
+        """Wait until every nsqd has been dialled once: connected, or its
+        failure in :attr:`connect_errors` (to fail at once when an nsqd is
+        down, as go-nsq's ``Producer.Ping``; the Writer keeps redialling)."""
+        self._check_running()
+        while not set(self.addresses) <= self._dialled and self._state == "running":
             assert self._ready_changed is not None
             await self._ready_changed.wait()
 
@@ -275,9 +285,12 @@ class Writer(NurseryService):
             except CONNECT_ERRORS as exc:
                 self.connect_errors[address] = exc
                 log.warning("cannot connect: %s", describe(exc))
+                self._dialled.add(address)
+                self._notify()
             else:
                 delay = self.config.reconnect_interval
                 self.connect_errors.pop(address, None)
+                self._dialled.add(address)
                 wc = _WriterConn(conn)
                 self.connections[address] = wc
                 log.info("connected")

@@ -2,8 +2,10 @@
 requests (nsqd asking nsqlookupd for channels, the auth server) and the
 client library's lookupd polling, so it runs on trio and on asyncio.
 
-One request per connection (``Connection: close``), no pool: these requests
-are rare and go to many different hosts.  Timeouts are cancel scopes:
+:func:`http_request`: one request per connection (``Connection: close``),
+no pool -- these requests are rare and go to many different hosts.
+:class:`ConnectionPool`: keep-alive connections, for a program making many
+requests to the same few endpoints (the nsq_to_http tool).  Timeouts are cancel scopes:
 ``connect_timeout`` bounds the TCP (and TLS) connect, ``timeout`` the whole
 request.  Every failure to get a complete response -- refused, reset, timed
 out, malformed -- is an :class:`HTTPClientError`; a response with any status
@@ -39,6 +41,11 @@ class HTTPClientError(Exception):
 
 class HTTPTimeout(HTTPClientError):
     """The connect or the whole request took longer than allowed."""
+
+
+class _NoAnswer(HTTPClientError):
+    """The connection ended before any byte of an answer (on a kept
+    connection: the server had closed it, the request can be sent again)."""
 
 
 class HTTPResponse(NamedTuple):
@@ -84,6 +91,28 @@ async def _connect(scheme: str, host: str, port: int, connect_timeout: float, ss
     raise HTTPTimeout(f"connect to {host}:{port} timed out after {connect_timeout}s")
 
 
+def _request_headers(host_header: str, method: str, body: bytes, headers: dict[str, str] | list[tuple[str, str]] | None, *, close: bool) -> list[tuple[str, str]]:
+    extra = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    names = {k.lower() for k, _ in extra}
+    req_headers = [("Host", host_header)]
+    if "user-agent" not in names:
+        req_headers.append(("User-Agent", USER_AGENT))
+    req_headers += extra
+    if body or method.upper() in ("POST", "PUT", "PATCH"):
+        req_headers.append(("Content-Length", str(len(body))))
+    if close:
+        req_headers.append(("Connection", "close"))
+    return req_headers
+
+
+async def _open(scheme: str, host: str, port: int, connect_timeout: float, ssl_context: ssl.SSLContext | None) -> anyio.abc.ByteStream:
+    try:
+        return await _connect(scheme, host, port, connect_timeout, ssl_context)
+    except (OSError, anyio.BrokenResourceError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # anyio: "All connection attempts failed"
+        raise HTTPClientError(f"connect to {host}:{port} failed - {cause}") from exc
+
+
 async def http_request(
     method: str,
     url: str,
@@ -97,28 +126,11 @@ async def http_request(
 ) -> HTTPResponse:
     """Send one request and read the whole response."""
     scheme, host, port, host_header, target = _split_url(url)
-    extra = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
-    names = {k.lower() for k, _ in extra}
-    req_headers = [("Host", host_header)]
-    if "user-agent" not in names:
-        req_headers.append(("User-Agent", USER_AGENT))
-    req_headers += extra
-    if body or method.upper() in ("POST", "PUT", "PATCH"):
-        req_headers.append(("Content-Length", str(len(body))))
-    req_headers.append(("Connection", "close"))
-
+    req_headers = _request_headers(host_header, method, body, headers, close=True)
     with anyio.move_on_after(timeout) as scope:
+        stream = await _open(scheme, host, port, min(connect_timeout, timeout), ssl_context)
         try:
-            stream = await _connect(scheme, host, port, min(connect_timeout, timeout), ssl_context)
-        except (OSError, anyio.BrokenResourceError) as exc:
-            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # anyio: "All connection attempts failed"
-            raise HTTPClientError(f"connect to {host}:{port} failed - {cause}") from exc
-        try:
-            return await _exchange(stream, method, target, req_headers, body, max_body)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            raise HTTPClientError(f"{method} {url} failed - {exc!r}") from exc
-        except h11.ProtocolError as exc:
-            raise HTTPClientError(f"{method} {url}: bad HTTP response - {exc}") from exc
+            return await _exchange_checked(stream, h11.Connection(h11.CLIENT), method, url, target, req_headers, body, max_body)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await stream.aclose()
@@ -126,19 +138,34 @@ async def http_request(
     raise HTTPTimeout(f"{method} {url} timed out after {timeout}s")
 
 
-async def _exchange(
-    stream: anyio.abc.ByteStream, method: str, target: str, headers: list[tuple[str, str]], body: bytes, max_body: int
+async def _exchange_checked(
+    stream: anyio.abc.ByteStream, conn: h11.Connection, method: str, url: str, target: str, headers: list[tuple[str, str]], body: bytes, max_body: int
 ) -> HTTPResponse:
-    conn = h11.Connection(h11.CLIENT)
+    """:func:`_exchange` with every failure as an HTTPClientError."""
+    try:
+        return await _exchange(stream, conn, method, target, headers, body, max_body)
+    except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+        raise HTTPClientError(f"{method} {url} failed - {exc!r}") from exc
+    except h11.ProtocolError as exc:
+        raise HTTPClientError(f"{method} {url}: bad HTTP response - {exc}") from exc
+
+
+async def _exchange(
+    stream: anyio.abc.ByteStream, conn: h11.Connection, method: str, target: str, headers: list[tuple[str, str]], body: bytes, max_body: int
+) -> HTTPResponse:
     out = conn.send(h11.Request(method=method.upper(), target=target, headers=headers))
     if body:
         out += conn.send(h11.Data(data=body))
     out += conn.send(h11.EndOfMessage())
-    await stream.send(out)
+    try:
+        await stream.send(out)
+    except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+        raise _NoAnswer(f"connection lost before an answer - {exc!r}") from exc
 
     response: h11.Response | None = None
     chunks: list[bytes] = []
     size = 0
+    received = False
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -146,6 +173,13 @@ async def _exchange(
                 data = await stream.receive(RECEIVE_SIZE)
             except anyio.EndOfStream:
                 data = b""
+            except (OSError, anyio.BrokenResourceError) as exc:
+                if not received:
+                    raise _NoAnswer(f"connection lost before an answer - {exc!r}") from exc
+                raise
+            if not data and not received:
+                raise _NoAnswer("connection closed before an answer")
+            received = True
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
@@ -168,6 +202,92 @@ async def _exchange(
         text = value.decode("latin-1")
         got[key] = f"{got[key]}, {text}" if key in got else text
     return HTTPResponse(response.status_code, got, b"".join(chunks))
+
+
+class _PooledConnection:
+    __slots__ = ("stream", "h11")
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections, kept per (scheme, host, port).
+
+    A request takes an idle connection or opens one, and gives it back when
+    both sides are done and neither asked to close.  A kept connection the
+    server closed meanwhile shows on the next request, which is then sent
+    once more on a fresh connection (no byte of an answer came back; Go's
+    net/http retries the same way).  ``timeout`` bounds each request,
+    connect included.  Close with :meth:`aclose` (or ``async with``).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_idle_per_host: int = 100,
+        max_body: int = DEFAULT_MAX_BODY,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_idle_per_host = max_idle_per_host
+        self.max_body = max_body
+        self.ssl_context = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_PooledConnection]] = {}
+
+    async def request(
+        self, method: str, url: str, body: bytes = b"", *, headers: dict[str, str] | list[tuple[str, str]] | None = None
+    ) -> HTTPResponse:
+        scheme, host, port, host_header, target = _split_url(url)
+        key = (scheme, host, port)
+        req_headers = _request_headers(host_header, method, body, headers, close=False)
+        with anyio.move_on_after(self.timeout) as scope:
+            while True:
+                idle = self._idle.get(key)
+                reused = bool(idle)
+                conn = idle.pop() if idle else _PooledConnection(await _open(scheme, host, port, min(self.connect_timeout, self.timeout), self.ssl_context))
+                try:
+                    response = await _exchange_checked(conn.stream, conn.h11, method, url, target, req_headers, body, self.max_body)
+                except _NoAnswer:
+                    await self._discard(conn)
+                    if reused:
+                        continue  # a kept connection the server had closed: send it again
+                    raise
+                except BaseException:
+                    await self._discard(conn)
+                    raise
+                await self._release(key, conn)
+                return response
+        assert scope.cancelled_caught
+        raise HTTPTimeout(f"{method} {url} timed out after {self.timeout}s")
+
+    async def _release(self, key: tuple[str, str, int], conn: _PooledConnection) -> None:
+        idle = self._idle.setdefault(key, [])
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and len(idle) < self.max_idle_per_host:
+            conn.h11.start_next_cycle()
+            idle.append(conn)
+        else:  # the server asked to close (or too many idle ones)
+            await self._discard(conn)
+
+    async def _discard(self, conn: _PooledConnection) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(conn.stream)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await self._discard(conn)
+
+    async def __aenter__(self) -> ConnectionPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 async def http_get(url: str, **kwargs: Any) -> HTTPResponse:

@@ -1,58 +1,163 @@
-"""What the command-line tools share: option parsing helpers, logging, signals."""
+"""What the command-line tools share: naming, Go-style option passthrough,
+logging, signals, exit codes, and failing at once when an nsqd is down."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import attrs
 import trio
 
-from pynsqd import log as logging_setup
 from pynsqd.flags import parse_bool, parse_duration
 
+from ..conn import ConnectionOptions
+from ..errors import ClientError, describe
+from ..reader import ReaderConfig
+from ..writer import WriterConfig
 
-def version_line(app: str) -> str:
+# every tool is "py" + the name of its Go counterpart, as the daemons are
+# (pynsqd, pynsqlookupd, pynsqadmin): drop two letters and you have Go's name
+PREFIX = "py"
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
+_GO_LEVEL_NAMES = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "FATAL"}
+_PY_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
+
+
+def tool_name(go_name: str) -> str:
+    return PREFIX + go_name
+
+
+def version_line(prog: str) -> str:
     from pynsqd import NSQ_VERSION
 
     from .. import __version__
 
-    return f"{app} v{NSQ_VERSION}-compatible (built w/pynsqd-client-{__version__})"
+    return f"{prog} v{NSQ_VERSION}-compatible (built w/pynsqd-client-{__version__})"
 
 
-def configure_logging(app: str, level: str) -> None:
-    logging_setup.configure(app=app, prefix=f"[{app}] ", level=level)
-    # the client library logs through the standard library, as a library should
+def user_agent(prog: str) -> str:
+    """What nsqd shows for the tool's connections (Go: ``nsq_tail/1.3.0 go-nsq/1.1.0``)."""
+    from .. import __version__
+
+    return f"{prog}/{__version__} pynsqd-client/{__version__}"
+
+
+class ToolExit(Exception):
+    """Stop the tool with ``code``, after printing ``message`` (one line) on stderr."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------- logging
+
+
+class _GoLogFormatter(logging.Formatter):
+    """NSQ's Go log lines: ``[nsq_to_file] 2006/01/02 15:04:05.000000 INFO: text``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created).strftime("%Y/%m/%d %H:%M:%S.%f")
+        line = f"{self.prefix}{ts} {_GO_LEVEL_NAMES.get(record.levelname, record.levelname)}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(prefix: str, level: str) -> logging.Logger:
+    """Log the tool's lines and the client library's to stderr; returns the
+    tool's logger.  Everything goes through stdlib logging (the client is a
+    library and logs that way)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[{app}] %(asctime)s %(levelname)s: %(message)s", "%Y/%m/%d %H:%M:%S"))
-    client_log = logging.getLogger("pynsqd.client")
-    client_log.addHandler(handler)
-    client_log.setLevel(logging_setup.LEVELS[level])
+    handler.setFormatter(_GoLogFormatter(prefix))
+    root = logging.getLogger("pynsqd.client")
+    for old in list(root.handlers):
+        if not isinstance(old, logging.NullHandler):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_PY_LEVELS[level])
+    return logging.getLogger("pynsqd.client.tools")
 
 
-def parse_opts(items: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
-    """``--consumer-opt=name,value`` (go-nsq's syntax) or ``name=value`` into
-    keyword arguments, converted to the type of the field's default."""
-    out: dict[str, Any] = {}
-    for item in items:
-        sep = "," if "," in item else "="
-        name, found, text = item.partition(sep)
-        name = name.strip()
-        if not found or name not in allowed:
-            raise ValueError(f"unknown option {item!r} (known: {', '.join(sorted(allowed))})")
-        default = allowed[name]
-        if isinstance(default, bool):
-            value: Any = parse_bool(text)
-        elif isinstance(default, int):
-            value = int(text)
-        elif isinstance(default, float):
-            value = parse_duration(text) if text[-1:].isalpha() else float(text)
-        else:
-            value = text
-        out[name] = value
+# ---------------------------------------------------------------- --consumer-opt / --producer-opt
+
+
+def option_kinds(*classes: type) -> dict[str, type]:
+    """name -> bool/int/float/str for every field of the client's options
+    classes that a command line can set (go-nsq's ``Config`` names)."""
+    out: dict[str, type] = {}
+    for cls in classes:
+        for a in attrs.fields(cls):
+            t = str(a.type)
+            if "SSLContext" in t:
+                continue
+            for kind in (bool, float, int, str):  # "int | None" is an int; "str | BackoffStrategy" a str
+                if kind.__name__ in t:
+                    out[a.name] = kind
+                    break
     return out
+
+
+CONSUMER_OPTIONS = option_kinds(ReaderConfig, ConnectionOptions)
+PRODUCER_OPTIONS = option_kinds(WriterConfig, ConnectionOptions)
+
+
+def _convert(kind: type, text: str) -> Any:
+    if kind is bool:
+        return parse_bool(text)
+    if kind is int:
+        return int(text)
+    if kind is float:  # go-nsq's durations ("90s"), or plain seconds
+        return parse_duration(text) if text[-1:].isalpha() else float(text)
+    return text
+
+
+def parse_opt(item: str, known: dict[str, type]) -> tuple[str, Any]:
+    """go-nsq's ``ConfigFlag``: ``name,value``, or a bare boolean ``name``."""
+    name, sep, text = item.partition(",")
+    name = name.strip()
+    kind = known.get(name)
+    if kind is None:
+        raise ValueError(f"invalid option {name}")
+    if not sep:
+        if kind is not bool:
+            raise ValueError(f"option {name} needs a value ({name},VALUE)")
+        return name, True
+    try:
+        return name, _convert(kind, text)
+    except ValueError:
+        raise ValueError(f"invalid value {text!r} for option {name}") from None
+
+
+def opt_parser(known: dict[str, type]) -> Callable[[str], str]:
+    """A flag parser that checks ``name,value`` while the command line is
+    parsed, so a bad one exits 2 with Go's words (``invalid value "x,1" for
+    flag -consumer-opt: invalid option x``)."""
+
+    def check(item: str) -> str:
+        parse_opt(item, known)
+        return item
+
+    return check
+
+
+def parse_opts(items: Iterable[str], known: dict[str, type]) -> dict[str, Any]:
+    return dict(parse_opt(item, known) for item in items)
+
+
+# ---------------------------------------------------------------- running
 
 
 async def until_signal(on_signal: Callable[[], Awaitable[None]], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -72,11 +177,52 @@ async def until_signal(on_signal: Callable[[], Awaitable[None]], *, task_status:
             nursery.cancel_scope.cancel()
 
 
-def run_tool(main: Callable[..., Awaitable[int]], *args: Any) -> int:
-    """trio.run for a command-line tool: Ctrl-C exits 130, a closed stdout 0."""
+async def fail_if_not_dialled(prog: str, services: Iterable[Any], timeout: float) -> None:
+    """Go's tools exit 1 when an nsqd given by address cannot be reached (or
+    refuses the subscription) at start; the client would keep redialling.
+    ``services`` are started Readers/Writers (``wait_dialled``, ``connect_errors``)."""
+    services = list(services)
+    with trio.move_on_after(timeout):
+        for service in services:
+            await service.wait_dialled()
+    for service in services:
+        for address, error in sorted(service.connect_errors.items()):
+            raise ToolExit(1, f"{prog}: cannot connect to nsqd {address}: {describe(error)}")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def run_tool(prog: str, main: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """trio.run for a command-line tool.
+
+    :class:`ToolExit` prints its line and exits with its code; Ctrl-C exits
+    130; a closed stdout (``| head``) exits 141 as a Go tool killed by
+    SIGPIPE does, without a traceback; a ClientError or OSError is one line,
+    exit 1.
+    """
     try:
         return trio.run(main, *args)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+    except BaseException as exc:  # noqa: BLE001 - every way out becomes an exit code
+        leaves = _leaves(exc)
+        for leaf in leaves:
+            if isinstance(leaf, ToolExit):
+                if leaf.message:
+                    sys.stderr.write(leaf.message + "\n")
+                return leaf.code
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+            # nothing more can be printed: keep the interpreter's final flush quiet
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        if all(isinstance(leaf, (ClientError, OSError)) for leaf in leaves):
+            # what nsqd or the system said, not a traceback (a bug still shows one)
+            for leaf in leaves:
+                sys.stderr.write(f"{prog}: {describe(leaf)}\n")
+            return 1
+        raise

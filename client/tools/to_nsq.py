@@ -1,9 +1,16 @@
-"""``pynsq_to_nsq``: publish stdin to a topic, one message per line (to_nsq's flags).
+"""``pyto_nsq``: publish stdin to a topic, one message per line, as Go's ``to_nsq``.
 
-    seq 100 | pynsq_to_nsq --topic=numbers --nsqd-tcp-address=127.0.0.1:4150
+    seq 100 | pyto_nsq --topic=numbers --nsqd-tcp-address=127.0.0.1:4150
 
-With several ``--nsqd-tcp-address`` each message goes to one healthy nsqd
-(failing over when one is down), where to_nsq sends a copy to every nsqd.
+As in Go, every message goes to every ``--nsqd-tcp-address``, and any
+failure -- an nsqd that cannot be reached at start, a bad topic, a line
+bigger than nsqd's ``--max-msg-size`` -- stops the tool with nsqd's own
+error (``E_BAD_MESSAGE PUB message too big ...``) and exit code 1.
+
+Where we differ on purpose: lines that arrive together go out as one MPUB
+(Go: one PUB each; the same messages, far fewer round trips); a last line
+without a delimiter is published whole (Go's to_nsq cuts its last byte);
+``--version`` and ``--log-level`` exist.
 """
 
 from __future__ import annotations
@@ -11,17 +18,33 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import trio
 
 from pynsqd.flags import flag_field, run_cli
+from pynsqd.protocol import is_valid_topic_name
 
-from ..conn import ConnectionOptions
-from ..writer import Writer, WriterConfig
-from .common import configure_logging, parse_opts, until_signal, version_line, run_tool
+from ..errors import NSQError
+from ..writer import Writer
+from .common import (
+    LOG_LEVELS,
+    PRODUCER_OPTIONS,
+    configure_logging,
+    fail_if_not_dialled,
+    opt_parser,
+    parse_opts,
+    run_tool,
+    tool_name,
+    until_signal,
+    user_agent,
+    version_line,
+)
 
-MAX_BATCH = 256  # lines per MPUB when stdin delivers many at once
+PROG = tool_name("to_nsq")
+MAX_BATCH = 256  # lines per MPUB when stdin delivers many at once...
+MAX_BATCH_BYTES = 512 * 1024  # ...well under nsqd's default --max-body-size (5 MiB)
 
 
 @attrs.define(kw_only=True)
@@ -30,18 +53,52 @@ class ToNSQOptions:
     delimiter: str = flag_field("\n", flag="delimiter", kind="str", help="character to split input from stdin")
     nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="destination nsqd TCP address (may be given multiple times)")
     producer_opts: list[str] = flag_field(
-        [], flag="producer-opt", kind="strings", help="option to passthrough to the Writer (may be given multiple times, name,value)"
+        [],
+        flag="producer-opt",
+        kind="strings",
+        parse=opt_parser(PRODUCER_OPTIONS),
+        help="option to passthrough to the Writer (may be given multiple times, name,value; the Writer's option names)",
     )
-    rate: int = flag_field(0, flag="rate", kind="int", help="throttle messages per second (0: no limit)")
-    log_level: str = flag_field("warn", flag="log-level", kind="str", choices=("debug", "info", "warn", "error"), help="log verbosity")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
+    rate: int = flag_field(0, flag="rate", kind="int", help="Throttle messages to n/second. 0 to disable")
+    log_level: str = flag_field("warn", flag="log-level", kind="str", choices=LOG_LEVELS, help="log verbosity (pyto_nsq only)")
+    version: bool = flag_field(False, flag="version", kind="bool", help="print version string (pyto_nsq only)")
+
+
+def check(opts: ToNSQOptions) -> str | None:
+    if not opts.topic:
+        return "--topic required"
+    if not is_valid_topic_name(opts.topic):
+        return f"invalid topic name {opts.topic!r}"
+    if len(opts.delimiter.encode()) != 1:
+        return "--delimiter must be a single byte"
+    if not opts.nsqd_tcp_addresses:
+        return "--nsqd-tcp-address required"
+    if opts.rate < 0:
+        return "--rate must be >= 0"
+    return None
 
 
 def split_records(buffer: bytes, delimiter: bytes) -> tuple[list[bytes], bytes]:
-    """Complete records (empty ones dropped) and the unterminated rest."""
+    """Complete records (empty ones dropped, as Go's to_nsq does) and the unterminated rest."""
     parts = buffer.split(delimiter)
     rest = parts.pop()
     return [p for p in parts if p], rest
+
+
+def batches(records: list[bytes]) -> list[list[bytes]]:
+    """Records cut into MPUB-sized batches (count and bytes)."""
+    out: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for record in records:
+        if current and (len(current) >= MAX_BATCH or size + len(record) > MAX_BATCH_BYTES):
+            out.append(current)
+            current, size = [], 0
+        current.append(record)
+        size += len(record) + 4
+    if current:
+        out.append(current)
+    return out
 
 
 async def read_stdin(fd: int, size: int = 65536) -> bytes:
@@ -50,7 +107,31 @@ async def read_stdin(fd: int, size: int = 65536) -> bytes:
     return await trio.to_thread.run_sync(os.read, fd, size, abandon_on_cancel=True)
 
 
-async def publish_stream(writer: Writer, topic: str, delimiter: bytes, rate: int, fd: int = 0) -> int:
+async def publish_everywhere(writers: list[Writer], topic: str, batch: list[bytes]) -> None:
+    """One batch to every nsqd (Go's to_nsq: every line to every nsqd)."""
+
+    async def one(writer: Writer) -> None:
+        if len(batch) == 1:
+            await writer.pub(topic, batch[0])
+            return
+        try:
+            await writer.mpub(topic, batch)
+        except NSQError as exc:
+            if exc.code != "E_BAD_BODY":
+                raise
+            # an nsqd with a small --max-body-size: one at a time, as Go does
+            for body in batch:
+                await writer.pub(topic, body)
+
+    if len(writers) == 1:
+        await one(writers[0])
+        return
+    async with trio.open_nursery() as nursery:
+        for writer in writers:
+            nursery.start_soon(one, writer)
+
+
+async def publish_stream(writers: list[Writer], topic: str, delimiter: bytes, rate: int, fd: int = 0) -> int:
     sent = 0
     rest = b""
     interval = 1.0 / rate if rate > 0 else 0.0
@@ -65,61 +146,49 @@ async def publish_stream(writer: Writer, topic: str, delimiter: bytes, rate: int
             for record in records:
                 await trio.sleep_until(next_at)
                 next_at = max(next_at + interval, trio.current_time() - 1.0)
-                await writer.pub(topic, record)
+                await publish_everywhere(writers, topic, [record])
                 sent += 1
         else:
-            for i in range(0, len(records), MAX_BATCH):
-                batch = records[i : i + MAX_BATCH]
-                if len(batch) == 1:
-                    await writer.pub(topic, batch[0])
-                else:
-                    await writer.mpub(topic, batch)
+            for batch in batches(records):
+                await publish_everywhere(writers, topic, batch)
                 sent += len(batch)
         if not chunk:
             return sent
 
 
-async def run_to_nsq(opts: ToNSQOptions, extra: dict[str, object], fd: int = 0) -> int:
+async def run_to_nsq(opts: ToNSQOptions, extra: dict[str, Any], fd: int = 0) -> int:
     delimiter = opts.delimiter.encode()
-    async with Writer(opts.nsqd_tcp_addresses, **extra) as writer:  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
+    extra.setdefault("user_agent", user_agent(PROG))
+    # one Writer per nsqd: each line goes to all of them, not to one of them
+    writers = [Writer([address], **extra) for address in dict.fromkeys(opts.nsqd_tcp_addresses)]
+    async with trio.open_nursery() as nursery:
+        for writer in writers:
+            await nursery.start(writer.run)
 
-            async def interrupted() -> None:
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(until_signal, interrupted)
-            await publish_stream(writer, opts.topic, delimiter, opts.rate, fd)
+        async def interrupted() -> None:
             nursery.cancel_scope.cancel()
+
+        await nursery.start(until_signal, interrupted)
+        await fail_if_not_dialled(PROG, writers, timeout=writers[0].conn_options.dial_timeout + 5)
+        await publish_stream(writers, opts.topic, delimiter, opts.rate, fd)
+        for writer in writers:
+            await writer.stop()
+        nursery.cancel_scope.cancel()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli("pynsq_to_nsq", ToNSQOptions, args)
+    opts, _ = run_cli(PROG, ToNSQOptions, args)
     if opts.version:
-        print(version_line("pynsq_to_nsq"))
+        print(version_line(PROG))
         return 0
-    if not opts.topic:
-        sys.stderr.write("pynsq_to_nsq: --topic required\n")
+    problem = check(opts)
+    if problem:
+        sys.stderr.write(f"{PROG}: {problem}\n")
         return 1
-    if not opts.nsqd_tcp_addresses:
-        sys.stderr.write("pynsq_to_nsq: --nsqd-tcp-address required\n")
-        return 1
-    if len(opts.delimiter.encode()) != 1:
-        sys.stderr.write("pynsq_to_nsq: --delimiter must be a single byte\n")
-        return 1
-    defaults = {a.name: a.default for cls in (WriterConfig, ConnectionOptions) for a in attrs.fields(cls) if isinstance(a.default, (bool, int, float, str))}
-    try:
-        extra = parse_opts(opts.producer_opts, defaults)
-    except ValueError as exc:
-        sys.stderr.write(f"pynsq_to_nsq: {exc}\n")
-        return 1
-    configure_logging("pynsq_to_nsq", opts.log_level)
-    try:
-        return run_tool(run_to_nsq, opts, extra)
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        sys.stderr.write(f"pynsq_to_nsq: {exc}\n")
-        return 1
+    configure_logging(f"[{PROG}] ", opts.log_level)
+    return run_tool(PROG, run_to_nsq, opts, parse_opts(opts.producer_opts, PRODUCER_OPTIONS))
 
 
 if __name__ == "__main__":
