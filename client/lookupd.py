@@ -21,12 +21,21 @@ class LookupError_(Exception):
     """A lookupd answered with something that is not a lookup result."""
 
 
-def lookup_url(address: str, topic: str) -> str:
+def _base_url(address: str) -> str:
     base = address if "://" in address else f"http://{address}"
     base = base.rstrip("/")
-    if base.endswith("/lookup"):
-        base = base[: -len("/lookup")]
-    return f"{base}/lookup?topic={quote(topic)}"
+    for path in ("/lookup", "/topics"):
+        if base.endswith(path):
+            base = base[: -len(path)]
+    return base
+
+
+def lookup_url(address: str, topic: str) -> str:
+    return f"{_base_url(address)}/lookup?topic={quote(topic)}"
+
+
+def topics_url(address: str) -> str:
+    return f"{_base_url(address)}/topics"
 
 
 def _join(host: str, port: int) -> str:
@@ -52,6 +61,22 @@ def parse_lookup(status: int, body: bytes) -> list[dict[str, Any]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("producers", []), list):
         raise LookupError_(f"unexpected answer: {body[:200]!r}")
     return [p for p in doc.get("producers") or [] if isinstance(p, dict)]
+
+
+def parse_topics(status: int, body: bytes) -> list[str]:
+    """The topic names from a ``/topics`` answer (either shape, as parse_lookup)."""
+    if status != 200:
+        raise LookupError_(f"HTTP {status}: {body[:200]!r}")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise LookupError_(f"not JSON: {body[:200]!r}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
+        doc = doc["data"]
+    topics = doc.get("topics") if isinstance(doc, dict) else None
+    if not isinstance(topics, list):
+        raise LookupError_(f"unexpected answer: {body[:200]!r}")
+    return [t for t in topics if isinstance(t, str)]
 
 
 def _producer_addresses(producers: Iterable[dict[str, Any]], port_key: str) -> set[str]:
@@ -82,6 +107,17 @@ async def query_lookupd(address: str, topic: str, timeout: float) -> list[dict[s
     except HTTPClientError as exc:
         raise LookupError_(str(exc)) from exc
     return parse_lookup(resp.status, resp.body)
+
+
+async def query_topics(address: str, timeout: float, connect_timeout: float = 2.0) -> list[str]:
+    """Every topic one lookupd knows; LookupError_ when there is no usable answer."""
+    from pynsqd.http_client import HTTPClientError, http_get
+
+    try:
+        resp = await http_get(topics_url(address), timeout=timeout, connect_timeout=min(timeout, connect_timeout))
+    except HTTPClientError as exc:
+        raise LookupError_(str(exc)) from exc
+    return parse_topics(resp.status, resp.body)
 
 
 QueryErrors = (LookupError_, ValueError)

@@ -18,6 +18,7 @@ from pynsqd.flags import parse_bool, parse_duration
 
 from ..conn import ConnectionOptions
 from ..errors import ClientError, describe
+from ..lookupd import QueryErrors, query_topics
 from ..reader import ReaderConfig
 from ..writer import WriterConfig
 
@@ -188,6 +189,23 @@ async def fail_if_not_dialled(prog: str, services: Iterable[Any], timeout: float
     for service in services:
         for address, error in sorted(service.connect_errors.items()):
             raise ToolExit(1, f"{prog}: cannot connect to nsqd {address}: {describe(error)}")
+
+
+async def lookupd_topics(lookupds: Iterable[str], timeout: float, connect_timeout: float, log: logging.Logger) -> set[str]:
+    """The union of every lookupd's topics; a lookupd that fails is logged
+    and left out (Go's tools skip the whole refresh then)."""
+    found: set[str] = set()
+
+    async def one(address: str) -> None:
+        try:
+            found.update(await query_topics(address, timeout, connect_timeout))
+        except QueryErrors as exc:
+            log.error("could not retrieve topic list from lookupd %s: %s", address, exc)
+
+    async with trio.open_nursery() as nursery:
+        for address in lookupds:
+            nursery.start_soon(one, address)
+    return found
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
