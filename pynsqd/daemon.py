@@ -43,6 +43,13 @@ async def running(daemon: Daemon) -> AsyncIterator[Any]:
             daemon.shutdown()
 
 
+def ignore_further_signals() -> None:
+    """Shutting down: a second SIGTERM/SIGINT (a supervisor's retry, Ctrl-C
+    twice, a whole process group signalled) must not cut the shutdown short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:
     """Run ``daemon`` until SIGINT/SIGTERM; returns the process exit code."""
     log = logging.get_logger()
@@ -60,6 +67,7 @@ async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | No
             async for signum in signals:
                 log.info("signal received, shutting down", signal=signal.Signals(signum).name)
                 break
+            ignore_further_signals()
             daemon.shutdown()
     return 0
 
