@@ -1,7 +1,8 @@
-# pynsqd, pynsqlookupd and pynsqadmin in one image.
+# pynsqd, pynsqlookupd, pynsqadmin and the tools (pynsq_tail, pyto_nsq...) in one image.
 #   nsqd:       docker run -p 4150:4150 -p 4151:4151 -v nsqd-data:/data pynsqd [flags...]
 #   nsqlookupd: docker run -p 4160:4160 -p 4161:4161 --entrypoint pynsqlookupd pynsqd [flags...]
 #   nsqadmin:   docker run -p 4171:4171 --entrypoint pynsqadmin pynsqd --lookupd-http-address=HOST:4161
+#   a cluster:  docker compose up (docker-compose.yml)
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -31,8 +32,9 @@ USER nsq
 # nsqd TCP, HTTP, HTTPS; nsqlookupd TCP, HTTP; nsqadmin HTTP (same image, --entrypoint)
 EXPOSE 4150 4151 4152 4160 4161 4171
 
-# nsqd answers /ping on 4151, nsqlookupd on 4161, nsqadmin on 4171: healthy if one does
+# /ping on the HTTP address the daemon was started with (its flags and --config
+# file, read from /proc/1/cmdline), so a moved --http-address is still checked
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request as u\nfor port in (4151, 4161, 4171):\n    try:\n        sys.exit(0 if u.urlopen(f'http://127.0.0.1:{port}/ping', timeout=2).read().startswith(b'OK') else 1)\n    except OSError:\n        pass\nsys.exit(1)"]
+    CMD ["python", "-m", "pynsqd.healthcheck"]
 
 ENTRYPOINT ["pynsqd", "--data-path=/data"]

@@ -462,3 +462,72 @@ def identify_and_upgrade(client: RawClient, tls_context: Any = None, **fields: A
         client.sock = CompressedSocket(client.sock, DeflateEncoder(reply["deflate_level"]), DeflateDecoder())
         assert read_frame_exact(client.sock).data == b"OK"
     return reply
+
+
+# ---------------------------------------------------------------- tools and Go's binaries
+
+
+def go_binary(name: str) -> str:
+    """A Go NSQ 1.3.0 binary's path, or the test is skipped with the reason."""
+    path = go_nsq_binary(name)
+    if path is None:
+        pytest.skip(f"Go NSQ 1.3.0's {name} not found (shared/go-nsq-1.3.0 beside the repository, or $GO_NSQ_DIR)")
+    return path
+
+
+def tool_command(go_name: str) -> list[str]:
+    """How a test runs one of our tools: the module behind the console
+    script py<go_name> (pynsq_tail, pyto_nsq...), with this interpreter."""
+    return [sys.executable, "-m", f"pynsqd.client.tools.{go_name}"]
+
+
+def run_tool(go_name: str, *args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*tool_command(go_name), *args], input=stdin, capture_output=True, timeout=timeout)
+
+
+def mpub_http(nsqd: Daemon, topic: str, bodies: list[bytes], chunk: int = 20000) -> None:
+    """Publish many messages fast: binary /mpub in chunks."""
+    for i in range(0, len(bodies), chunk):
+        status, body = nsqd.http("POST", f"/mpub?topic={topic}&binary=true", encode_mpub_body(bodies[i : i + chunk]), timeout=60)
+        assert status == 200, body
+
+
+def drain(nsqd: Daemon, topic: str, channel: str, timeout: float = 60.0) -> list[bytes]:
+    """Every message queued on ``topic``/``channel``, each FINished, until
+    the channel is empty; duplicates stay in the list."""
+    bodies: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    with RawClient(nsqd.tcp_port) as client:
+        client.identify(heartbeat_interval=30000)
+        assert client.sub(topic, channel).data == b"OK"
+        client.cmd(b"RDY", b"2500")
+        fins: list[bytes] = []
+        while True:
+            try:
+                _, _, msg_id, body = client.read_message(timeout=0.5)
+            except socket.timeout:
+                client.send(b"".join(fins))
+                fins = []
+                c = channel_stats(nsqd, topic, channel)
+                if c["depth"] == 0 and c["in_flight_count"] == 0 and c["deferred_count"] == 0:
+                    return bodies
+                assert time.monotonic() < deadline, f"still {c['depth']} queued on {topic}/{channel}"
+                continue
+            bodies.append(body)
+            fins.append(encode_command(b"FIN", msg_id))
+            if len(fins) >= 500:
+                client.send(b"".join(fins))
+                fins = []
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a restart on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_channel(nsqd: Daemon, topic: str, channel: str) -> None:
+    """Topic and channel created up front, so every message is kept for the channel."""
+    assert nsqd.http("POST", f"/topic/create?topic={topic}")[0] == 200
+    assert nsqd.http("POST", f"/channel/create?topic={topic}&channel={channel}")[0] == 200

@@ -9,7 +9,6 @@ import html
 import http.client
 import http.server
 import json
-import os
 import re
 import socket
 import subprocess

@@ -9,7 +9,7 @@ Run (with a pynsqd on 127.0.0.1:4151, and aggregator.py consuming):
     python examples/metrics_aggregator/generate.py --count 10000 --rate 500
 
 The same events from a file or another program: one JSON object per line into
-``pynsq_to_nsq --topic=access_log --nsqd-tcp-address=127.0.0.1:4150``.
+``pyto_nsq --topic=access_log --nsqd-tcp-address=127.0.0.1:4150``.
 """
 
 from __future__ import annotations

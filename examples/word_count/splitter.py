@@ -10,7 +10,7 @@ Run (with a pynsqd on 127.0.0.1:4150, and counter.py on ``words``):
     python examples/word_count/splitter.py
     python examples/word_count/splitter.py      # scale out: same channel,
                                                 # the sentences are shared
-    pynsq_to_nsq --topic=sentences --nsqd-tcp-address=127.0.0.1:4150 < book.txt
+    pyto_nsq --topic=sentences --nsqd-tcp-address=127.0.0.1:4150 < book.txt
 
 Each line published is a "sentence".  On exit (Ctrl-C / SIGTERM) a splitter
 prints how much it did: ``{"sentences": 120, "words": 1543}``.  With
