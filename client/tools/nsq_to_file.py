@@ -278,6 +278,7 @@ class FileLogger:
         """Sync and close the file, then move it to the output dir."""
         if self.raw is None:
             return
+        self.log.debug("%s closing %s", self.tag, self.path)
         self.sync()
         if self.opts.gzip:
             self.writer.close()  # the empty member just started: ends it cleanly
