@@ -5,9 +5,9 @@ failure as one fatal line and exit code 1."""
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
@@ -15,6 +15,9 @@ from . import log as logging
 from . import version_string
 from .flags import ParsedFlags, run_cli
 from .listener import ListenError
+
+
+T = TypeVar("T")
 
 
 class Daemon(Protocol):
@@ -43,19 +46,39 @@ async def running(daemon: Daemon) -> AsyncIterator[Any]:
             daemon.shutdown()
 
 
-def ignore_further_signals() -> None:
-    """Shutting down: a second SIGTERM/SIGINT (a supervisor's retry, Ctrl-C
-    twice, a whole process group signalled) must not cut the shutdown short."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+async def run_until_signal(body: Callable[[trio.CancelScope], Awaitable[T]]) -> T:
+    """``await body(stop)``, where ``stop`` is cancelled by the first
+    SIGINT/SIGTERM.  The signals are received from the start (an early one
+    is a clean shutdown, not a KeyboardInterrupt) to the very end: a second
+    one -- a supervisor's retry, Ctrl-C twice, a whole process group
+    signalled -- is logged and ignored, never the default "die now" in the
+    middle of writing the queues to disk."""
+    log = logging.get_logger()
+    stop = trio.CancelScope()
+
+    async def watch(signals: Any) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stop.cancel_called:
+                log.info("signal received while shutting down, ignored", signal=name)
+            else:
+                log.info("signal received, shutting down", signal=name)
+                stop.cancel()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, signals)
+            try:
+                return await body(stop)
+            finally:
+                nursery.cancel_scope.cancel()
 
 
 async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:
     """Run ``daemon`` until SIGINT/SIGTERM; returns the process exit code."""
     log = logging.get_logger()
-    # the receiver is open before anything binds, so an early signal is
-    # still a clean shutdown rather than a KeyboardInterrupt traceback
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+    async def body(stop: trio.CancelScope) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(daemon.run)
@@ -64,12 +87,12 @@ async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | No
                 return 1
             if on_started is not None:
                 on_started()
-            async for signum in signals:
-                log.info("signal received, shutting down", signal=signal.Signals(signum).name)
-                break
-            ignore_further_signals()
+            with stop:
+                await trio.sleep_forever()
             daemon.shutdown()
-    return 0
+        return 0
+
+    return await run_until_signal(body)
 
 
 def daemon_main(

@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
 from . import log as logging_setup
 from . import version_string
-from .daemon import ignore_further_signals, log_flag_warnings
+from .daemon import log_flag_warnings, run_until_signal
 from .flags import run_cli
 from .nsqd import NSQD, DataPathLocked
 from .options import Options
-
-
-async def _stop_on_signal(signals: Any, scope: trio.CancelScope, log: Any) -> None:
-    async for signum in signals:
-        log.info("signal received, shutting down", signal=signal.Signals(signum).name)
-        ignore_further_signals()  # nothing may cut the flush to disk short
-        scope.cancel()
-        return
 
 
 async def serve(options: Options) -> None:
     nsqd = NSQD(options)
     nsqd.log.info(version_string("nsqd"))
     nsqd.lock_data_path()
-    # open before anything binds: an early signal is a clean shutdown too
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            nsqd.log.info(f"ID: {options.node_id}")
-            nsqd.load_metadata()
-            nsqd.persist_metadata()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope, nsqd.log)
-                await nursery.start(nsqd.run)
-        finally:
-            nsqd.unlock_data_path()
+
+    async def body(stop: trio.CancelScope) -> None:
+        nsqd.log.info(f"ID: {options.node_id}")
+        nsqd.load_metadata()
+        nsqd.persist_metadata()
+        with stop:
+            await nsqd.run()  # until the signal; then it writes its queues to disk
+
+    try:
+        await run_until_signal(body)
+    finally:
+        nsqd.unlock_data_path()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,9 +94,10 @@ def test_ports_volume_and_healthcheck(instructions) -> None:
     for opt in options.split():
         assert opt.split("=")[0] in HEALTHCHECK_OPTIONS, opt
     argv = exec_form(command)
-    assert argv[:2] == ["python", "-c"]
-    compile(argv[2], "<healthcheck>", "exec")
-    assert "/ping" in argv[2] and "4151" in argv[2]
+    # the health check asks the daemon on the port it was configured with,
+    # not a hard-coded one (tests/test_healthcheck.py runs it)
+    assert argv == ["python", "-m", "pynsqd.healthcheck"]
+    assert not any(port in health for port in ("4150", "4151", "4161", "4171"))
 
 
 def test_entrypoint_runs_an_installed_console_script(instructions, console_scripts) -> None:
@@ -132,3 +133,69 @@ def test_copied_sources_exist(instructions) -> None:
 def test_parser_handles_continuations_and_comments() -> None:
     parsed = parse_dockerfile("# c\nFROM python:3.12-slim\nRUN a \\\n    # inner\n    && b\n\nCMD [\"x\"]\n")
     assert parsed == [("FROM", "python:3.12-slim"), ("RUN", "a && b"), ("CMD", '["x"]')]
+
+
+# ---------------------------------------------------------------- docker-compose.yml
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict)
+    return doc
+
+
+def _argv(service: dict, image_entrypoint: list[str]) -> list[str]:
+    entry = service.get("entrypoint", image_entrypoint)
+    entry = entry if isinstance(entry, list) else shlex.split(entry)
+    command = service.get("command", [])
+    command = command if isinstance(command, list) else shlex.split(command)
+    return [*entry, *command]
+
+
+def test_compose_two_lookupds_two_nsqds_registered_with_both(compose, instructions, console_scripts) -> None:
+    from pynsqadmin.options import Options as AdminOptions
+
+    services = compose["services"]
+    (entry,) = args_of(instructions, "ENTRYPOINT")
+    image_entrypoint = exec_form(entry)
+    ours = {name: s for name, s in services.items() if s.get("image") == "pynsqd" or "build" in s}
+    by_program: dict[str, list[tuple[str, object]]] = {}
+    for name, service in ours.items():
+        argv = _argv(service, image_entrypoint)
+        program = argv[0]
+        assert program in console_scripts, (name, program)
+        options_cls = {"pynsqd": NSQDOptions, "pynsqlookupd": LookupdOptions, "pynsqadmin": AdminOptions}[program]
+        opts, _ = resolve(options_cls, argv[1:])  # every flag is one the daemon takes
+        by_program.setdefault(program, []).append((name, opts))
+    lookupds = by_program["pynsqlookupd"]
+    nsqds = by_program["pynsqd"]
+    assert len(lookupds) == 2 and len(nsqds) == 2
+    lookupd_tcp = {f"{name}:{opts.tcp_address.rsplit(':', 1)[1]}" for name, opts in lookupds}
+    lookupd_http = {f"{name}:{opts.http_address.rsplit(':', 1)[1]}" for name, opts in lookupds}
+    for name, opts in nsqds:
+        assert set(opts.lookupd_tcp_addresses) == lookupd_tcp, name
+        assert opts.broadcast_address == name  # what the lookupds hand out resolves in the compose network
+        assert opts.data_path == "/data" and any(v.endswith(":/data") for v in services[name]["volumes"])
+        assert set(services[name]["depends_on"]) == {n for n, _ in lookupds}
+    ((admin_name, admin),) = by_program["pynsqadmin"]
+    assert set(admin.lookupd_http_addresses) == lookupd_http
+    # named volumes are declared; published host ports do not clash
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in compose["volumes"], (name, volume)
+        for dep in service.get("depends_on", {}):
+            assert dep in services, (name, dep)
+    host_ports = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), host_ports
+
+
+def test_compose_offers_gos_nsqadmin_against_the_same_cluster(compose) -> None:
+    go = compose["services"]["go-nsqadmin"]
+    assert go["image"].startswith("nsqio/nsq:")
+    assert go["profiles"]  # only when asked for: docker compose --profile go-nsqadmin up
+    argv = go["command"]
+    assert argv[0] == "/nsqadmin"
+    assert {a.split("=", 1)[1] for a in argv if a.startswith("--lookupd-http-address=")} == {"nsqlookupd1:4161", "nsqlookupd2:4161"}

@@ -460,7 +460,8 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
 def test_readme_starts_pynsqadmin_on_loopback():
     text = (ROOT / "README.md").read_text()
     run = text[text.index("<!-- run-command -->") :].split("```")[1]
-    assert ".venv/bin/pynsqadmin --http-address=127.0.0.1:4171 --lookupd-http-address=127.0.0.1:4161 &" in run
+    assert ".venv/bin/pynsqd-local" in run  # which starts pynsqadmin on 127.0.0.1:4171 (tests/test_local.py)
+    assert "http://127.0.0.1:4171/" in text.split("<!-- run-command -->")[0]
     for name in ("topics", "topic", "channel", "nodes", "lookup"):
         assert (ROOT / "docs" / f"nsqadmin-{name}.png").exists()
         assert f"docs/nsqadmin-{name}.png" in text

@@ -113,3 +113,70 @@ def test_listen_address_in_use_is_one_fatal_line(tmp_path):
         assert len([line for line in proc.stderr.splitlines() if "FATAL" in line]) == 1
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- the operator's first hour
+
+
+def test_missing_data_path_is_an_error_as_in_nsqd(tmp_path):
+    missing = tmp_path / "typo" / "dir"
+    proc = run("--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", f"--data-path={missing}")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        f"[nsqd] FATAL: failed to instantiate nsqd - failed to lock data-path: open {missing}: no such file or directory"
+    )
+    assert not (tmp_path / "typo").exists()  # never created
+
+
+def test_data_path_that_is_a_file_says_so(tmp_path):
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    proc = run("--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", f"--data-path={a_file}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(f"failed to lock data-path: --data-path={a_file} is not a directory")
+
+
+def test_unknown_config_keys_are_warned_by_name(tmp_path):
+    cfg = tmp_path / "nsqd.toml"
+    cfg.write_text("mem_queue_sise = 5\nmax_rdy_count = 50\nfrobnicate = true\n")
+    d = start_nsqd(str(tmp_path), f"--config={cfg}")
+    try:
+        warnings = [line for line in d.lines if "WARNING" in line and "config file" in line]
+        assert any('unknown option "mem_queue_sise" ignored (did you mean "mem_queue_size"?)' in w for w in warnings), d.lines
+        assert any('unknown option "frobnicate" ignored' in w for w in warnings)
+        assert d.http("GET", "/config/max_rdy_count")[1] == b"50"  # the known keys still apply
+    finally:
+        d.stop()
+    for module in ("pynsqlookupd", "pynsqadmin"):  # same flags machinery, same warning
+        other = Daemon([sys.executable, "-m", module, f"--config={cfg}", "--http-address=127.0.0.1:0", *(["--tcp-address=127.0.0.1:0"] if module == "pynsqlookupd" else [])])
+        try:
+            other.wait_listening(("HTTP",))
+            assert any('unknown option "mem_queue_sise" ignored' in line for line in other.lines), other.lines
+        finally:
+            other.stop()
+
+
+def test_shutdown_logs_what_it_persisted(tmp_path):
+    d = start_nsqd(str(tmp_path), "--log-level=info")
+    for name in ("a", "b"):
+        assert d.http("POST", f"/topic/create?topic=persist_{name}")[0] == 200
+    assert d.http("POST", "/channel/create?topic=persist_a&channel=c1")[0] == 200
+    assert d.http("POST", "/channel/create?topic=persist_a&channel=gone%23ephemeral")[0] == 200
+    assert d.http("POST", "/mpub?topic=persist_a", b"\n".join(b"x%d" % i for i in range(40)))[0] == 200
+    assert d.http("POST", "/mpub?topic=persist_b", b"\n".join(b"y%d" % i for i in range(7)))[0] == 200
+    assert d.stop(signal.SIGTERM) == 0
+    persisted = [line for line in d.lines if "NSQ: persisted" in line or "NSQ: dropped" in line]
+    assert any("persisted persist_a:c1: 40 messages written to disk" in line and "memory=40" in line for line in persisted), persisted
+    assert any("persisted persist_b: 7 messages written to disk" in line for line in persisted), persisted
+    assert any("dropped 40 messages of ephemeral persist_a:gone#ephemeral" in line for line in persisted), persisted
+    assert persisted[-1].split("INFO: ")[1].startswith("NSQ: persisted 47 in-memory messages to disk at exit")
+
+
+def test_a_second_signal_during_shutdown_is_ignored(tmp_path):
+    d = start_nsqd(str(tmp_path))
+    assert d.http("POST", "/mpub?topic=twice", b"\n".join(b"z%d" % i for i in range(100)))[0] == 200
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGTERM)  # a supervisor's retry, or a whole process group signalled
+    d.proc.send_signal(signal.SIGINT)
+    assert d.stop() == 0
+    assert any("NSQ: persisted twice: 100 messages written to disk" in line for line in d.lines), d.lines
