@@ -86,12 +86,12 @@ class Child:
     def _copy(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            self._out.write(line)  # before acting on it: the log reads in order
+            self._out.flush()
             m = LISTENING.search(line)
             if m:
                 self.addresses[m.group(1)] = m.group(2)
                 self._wake.set()
-            self._out.write(line)
-            self._out.flush()
         self.proc.wait()
         self._wake.set()  # it exited
 

@@ -186,6 +186,7 @@ class Cluster:
         for node in self.lookupds:
             node.daemon.wait_listening()
         for i in range(3):
+            (tmp / f"nsqd{i}").mkdir()  # nsqd, as Go's, never creates its --data-path
             self.nsqds.append(Node("pynsqd", [
                 f"--tcp-address={hosts[i]}:{self._port(4150)}",
                 f"--http-address={hosts[i]}:{self._port(4151)}",

@@ -208,6 +208,8 @@ def test_corrupt_compressed_stream_closes_only_that_connection(nsqd, unique, kin
 
 
 def test_switches_and_max_deflate_level(tmp_path, unique):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     d = start_nsqd(str(tmp_path / "a"), "--snappy=false", "--max-deflate-level=3")
     try:
         c = RawClient(d.tcp_port)

@@ -215,6 +215,7 @@ def test_word_count_two_splitters_on_one_channel_exact_totals(tmp_path, start) -
     lookupd = Daemon([sys.executable, "-m", "pynsqlookupd", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0", "--broadcast-address=127.0.0.1"])
     try:
         lookupd.wait_listening()
+        (tmp_path / "nsqd").mkdir()
         nsqd = start_nsqd(str(tmp_path / "nsqd"), f"--lookupd-tcp-address=127.0.0.1:{lookupd.tcp_port}", "--broadcast-address=127.0.0.1")
         try:
             run_word_count(nsqd, f"127.0.0.1:{lookupd.http_port}", tmp_path, start)

@@ -189,7 +189,8 @@ def test_emptying_a_channel_from_the_ui_without_javascript(cluster, browser, uni
         assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
         assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=e")[0] == 200
         publish(nsqd, unique, 7)
-    assert sum(channel_stats(n, unique, "e")["depth"] for n in cluster.nsqds) == 14
+    # a new topic's messages reach its channel once nsqd has asked lookupd (#1416)
+    wait_for(lambda: sum(channel_stats(n, unique, "e")["depth"] for n in cluster.nsqds) == 14, message="14 queued")
     browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
     try:
         browser.get(f"{cluster.url}/topics/{unique}/e")

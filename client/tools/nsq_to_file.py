@@ -193,7 +193,7 @@ class FileLogger:
         self.clock = clock
         self.format = filename_format(opts, topic, hostname)
         self.tag = f"[{topic}/{opts.channel}]"
-        self.raw: io.BufferedWriter | None = None  # the file
+        self.raw: io.BufferedWriter[io.FileIO] | None = None  # the file
         self.writer: Any = None  # what messages are written to: the file, or a gzip member on it
         self.filename = ""  # the name before <REV> is filled in
         self.path = ""
@@ -232,7 +232,7 @@ class FileLogger:
             self.raw.flush()
             os.fsync(self.raw.fileno())
 
-    def _gzip_member(self, raw: io.BufferedWriter) -> gzip.GzipFile:
+    def _gzip_member(self, raw: io.BufferedWriter[io.FileIO]) -> gzip.GzipFile:
         return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=self.opts.gzip_level, mtime=0)
 
     def rotate(self) -> None:
@@ -271,8 +271,9 @@ class FileLogger:
         self.log.info("%s opening %s", self.tag, path)
         self.path = path
         self.size = size
-        self.raw = open(fd, "wb", buffering=FILE_BUFFER)  # noqa: SIM115 - closed in close()
-        self.writer = self._gzip_member(self.raw) if self.opts.gzip else self.raw
+        raw = io.BufferedWriter(io.FileIO(fd, "wb"), buffer_size=FILE_BUFFER)  # closed in close()
+        self.raw = raw
+        self.writer = self._gzip_member(raw) if self.opts.gzip else raw
 
     def close(self) -> None:
         """Sync and close the file, then move it to the output dir."""

@@ -213,16 +213,17 @@ class TopicRelay:
         )
 
     async def handle(self, message: Message) -> None:
-        body: bytes | None = message.body
+        body = message.body
         if self.filter.active:
             try:
-                body = self.filter(message.body)
+                filtered = self.filter(message.body)
             except Backoff as exc:
                 message.requeue()
                 self.log.warning("[%s/%s] message %s requeued: %s", self.topic, self.opts.channel, message.id.decode(), exc)
                 return
-            if body is None:
+            if filtered is None:
                 return  # filtered out: finished, not passed on
+            body = filtered
         message.disable_auto_response()
         self.pending.append((message, body))
         self._wakeup.set()
