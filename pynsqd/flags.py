@@ -418,13 +418,14 @@ def usage(prog: str, flags: Sequence[Flag]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_cli(prog: str, options_cls: type, argv: Sequence[str]) -> tuple[Any, ParsedFlags]:
-    """Parse flags or exit the way a Go daemon does: help -> 0, bad flag -> 2."""
+def run_cli(prog: str, options_cls: type, argv: Sequence[str], epilog: str = "") -> tuple[Any, ParsedFlags]:
+    """Parse flags or exit the way a Go daemon does: help -> 0, bad flag -> 2.
+    ``epilog`` follows the flag list in ``--help`` (what differs from Go)."""
     flags = flags_of(options_cls)
     try:
         return resolve(options_cls, argv)
     except HelpRequested:
-        sys.stderr.write(usage(prog, flags))
+        sys.stderr.write(usage(prog, flags) + (f"\n{epilog.strip()}\n" if epilog.strip() else ""))
         raise SystemExit(0) from None
     except FlagError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")

@@ -278,3 +278,10 @@ def test_tools_version_lines():
     for go in TOOLS:
         p = subprocess.run([*tool_command(go), "--version"], capture_output=True, text=True, timeout=30)
         assert p.returncode == 0 and p.stdout.startswith(f"py{go} v1.3.0-compatible"), (go, p)
+
+
+@pytest.mark.parametrize("go", TOOLS)
+def test_help_says_where_we_differ_from_go(helps, go):
+    tail = helps[go].split("\n\n", 1)
+    assert len(tail) == 2 and tail[1].startswith("Where we differ on purpose:"), helps[go][-300:]
+    assert "``" not in tail[1]

@@ -4,6 +4,7 @@ logging, signals, exit codes, and failing at once when an nsqd is down."""
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import signal
@@ -48,6 +49,14 @@ def user_agent(prog: str) -> str:
     from .. import __version__
 
     return f"{prog}/{__version__} pynsqd-client/{__version__}"
+
+
+def differences(doc: str | None) -> str:
+    """The "Where we differ on purpose" paragraph of a tool's docstring, for
+    the end of its ``--help`` (the README says the same)."""
+    text = inspect.cleandoc(doc or "")
+    start = text.find("Where we differ on purpose")
+    return text[start:].split("\n\n", 1)[0].replace("``", "") if start >= 0 else ""
 
 
 class ToolExit(Exception):

@@ -7,9 +7,12 @@ Go's flags, columns and exit codes: the first poll is the baseline, each
 ``--interval`` prints one row (``--count`` rows, then exit 0); a header every
 25 rows.  Any failure -- an nsqd or lookupd that does not answer, a topic or
 channel that does not exist -- is printed and exits 1: a monitoring tool
-must never show "idle" for "unreachable".  Where we differ on purpose:
-``--lookupd-http-address`` and ``--nsqd-http-address`` also take URLs
-(``http://host:port``), and the error says which node failed and why.
+must never show "idle" for "unreachable".
+
+Where we differ on purpose: ``--lookupd-http-address`` and
+``--nsqd-http-address`` also take URLs (``http://host:port``); the error says
+which node failed and why (Go: "failed to query any nsqd: " for a topic
+that does not exist).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import trio
 from pynsqd.flags import flag_field, run_cli
 
 from ..lookupd import QueryErrors, lookup_url, parse_lookup, producer_http_addresses
-from .common import ToolExit, run_tool, tool_name, version_line
+from .common import ToolExit, differences, run_tool, tool_name, version_line
 
 PROG = tool_name("nsq_stat")
 HEADER_EVERY = 25
@@ -232,7 +235,7 @@ async def stat_loop(opts: StatOptions, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, parsed = run_cli(PROG, StatOptions, args)
+    opts, parsed = run_cli(PROG, StatOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0

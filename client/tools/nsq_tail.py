@@ -4,8 +4,11 @@
 
 Go's flags, defaults and exit codes: a bad topic or channel, or an nsqd given
 by address that cannot be reached, exits 1 with one line; ``| head`` closing
-the pipe exits at once (141, as Go killed by SIGPIPE).  Ours only:
-``--log-level`` (default warn; Go's tool always logs go-nsq's lines).
+the pipe exits at once (141, as Go killed by SIGPIPE).
+
+Where we differ on purpose: ``--log-level`` (default warn; Go's tool always
+logs go-nsq's lines); messages received but not printed when the pipe closes
+(or past ``-n``) are requeued at once, not left to time out.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 from ..message import Message
 from ..reader import Reader
 from .common import (
+    differences,
     CONSUMER_OPTIONS,
     LOG_LEVELS,
     ToolExit,
@@ -167,7 +171,7 @@ async def _stop_when_done(tail: Tail, stop_all: Callable[[], Awaitable[None]]) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, TailOptions, args)
+    opts, _ = run_cli(PROG, TailOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0

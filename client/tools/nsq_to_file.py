@@ -53,6 +53,7 @@ from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 from ..message import Message
 from ..reader import Reader
 from .common import (
+    differences,
     CONSUMER_OPTIONS,
     LOG_LEVELS,
     ToolExit,
@@ -498,7 +499,7 @@ async def run_to_file(opts: ToFileOptions, extra: dict[str, Any]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToFileOptions, args)
+    opts, _ = run_cli(PROG, ToFileOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0

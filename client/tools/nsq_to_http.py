@@ -18,9 +18,9 @@ in Go, a message that failed ``max_attempts`` times (5) is given up:
 at once, over kept-alive connections.  ``--sample`` passes only that
 fraction.  Every ``--status-every`` requests a timing line is logged.
 
-Where we differ on purpose: an unknown ``--mode`` is an error (Go silently
-multicasts); ``multicast`` is accepted without Go's deprecation warning;
-the ``--header`` error names the right syntax (``key:value``); a bad
+Where we differ on purpose: an unknown ``--mode`` is an error (Go 1.3.0
+multicasts for any mode it does not know, and no longer lists
+``multicast``); the ``--header`` error names the right syntax (``key:value``); a bad
 setting or an nsqd given by address that cannot be reached stops the tool
 at start with exit code 1; ``--log-level`` exists (default info).
 """
@@ -44,6 +44,7 @@ from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 from ..message import Message
 from ..reader import Reader
 from .common import (
+    differences,
     CONSUMER_OPTIONS,
     LOG_LEVELS,
     configure_logging,
@@ -256,7 +257,7 @@ async def run_to_http(opts: ToHTTPOptions, extra: dict[str, Any]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, parsed = run_cli(PROG, ToHTTPOptions, args)
+    opts, parsed = run_cli(PROG, ToHTTPOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0

@@ -43,6 +43,7 @@ from ..message import Message
 from ..reader import Reader
 from ..writer import Writer
 from .common import (
+    differences,
     CONSUMER_OPTIONS,
     LOG_LEVELS,
     PRODUCER_OPTIONS,
@@ -327,7 +328,7 @@ async def run_to_nsq(opts: ToNSQOptions, consumer_extra: dict[str, Any], produce
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToNSQOptions, args)
+    opts, _ = run_cli(PROG, ToNSQOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0

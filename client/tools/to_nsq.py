@@ -29,6 +29,7 @@ from pynsqd.protocol import is_valid_topic_name
 from ..errors import NSQError
 from ..writer import Writer
 from .common import (
+    differences,
     LOG_LEVELS,
     PRODUCER_OPTIONS,
     configure_logging,
@@ -179,7 +180,7 @@ async def run_to_nsq(opts: ToNSQOptions, extra: dict[str, Any], fd: int = 0) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToNSQOptions, args)
+    opts, _ = run_cli(PROG, ToNSQOptions, args, differences(__doc__))
     if opts.version:
         print(version_line(PROG))
         return 0
