@@ -42,29 +42,8 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_lookup(status: int, body: bytes) -> list[dict[str, Any]]:
-    """Producers from a ``/lookup`` answer; a 404 (topic unknown) is none.
-
-    Accepts both nsqlookupd's current shape and the pre-1.0 one wrapped in
-    ``{"status_code":..,"data":{..}}``.
-    """
-    if status == 404:
-        return []
-    if status != 200:
-        raise LookupError_(f"HTTP {status}: {body[:200]!r}")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise LookupError_(f"not JSON: {body[:200]!r}") from None
-    if isinstance(doc, dict) and "data" in doc and isinstance(doc["data"], dict):
-        doc = doc["data"]
-    if not isinstance(doc, dict) or not isinstance(doc.get("producers", []), list):
-        raise LookupError_(f"unexpected answer: {body[:200]!r}")
-    return [p for p in doc.get("producers") or [] if isinstance(p, dict)]
-
-
-def parse_topics(status: int, body: bytes) -> list[str]:
-    """The topic names from a ``/topics`` answer (either shape, as parse_lookup)."""
+def _answer(status: int, body: bytes) -> dict[str, Any]:
+    """A lookupd's JSON answer, unwrapped from the pre-1.0 ``{"status_code":..,"data":{..}}``."""
     if status != 200:
         raise LookupError_(f"HTTP {status}: {body[:200]!r}")
     try:
@@ -73,7 +52,28 @@ def parse_topics(status: int, body: bytes) -> list[str]:
         raise LookupError_(f"not JSON: {body[:200]!r}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
         doc = doc["data"]
-    topics = doc.get("topics") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        raise LookupError_(f"unexpected answer: {body[:200]!r}")
+    return doc
+
+
+def parse_lookup(status: int, body: bytes) -> list[dict[str, Any]]:
+    """Producers from a ``/lookup`` answer; a 404 (topic unknown) is none.
+
+    Accepts both nsqlookupd's current shape and the pre-1.0 one wrapped in
+    ``{"status_code":..,"data":{..}}``.
+    """
+    if status == 404:
+        return []
+    doc = _answer(status, body)
+    if not isinstance(doc.get("producers", []), list):
+        raise LookupError_(f"unexpected answer: {body[:200]!r}")
+    return [p for p in doc.get("producers") or [] if isinstance(p, dict)]
+
+
+def parse_topics(status: int, body: bytes) -> list[str]:
+    """The topic names from a ``/topics`` answer (either shape, as parse_lookup)."""
+    topics = _answer(status, body).get("topics")
     if not isinstance(topics, list):
         raise LookupError_(f"unexpected answer: {body[:200]!r}")
     return [t for t in topics if isinstance(t, str)]

@@ -412,7 +412,7 @@ def usage(prog: str, flags: Sequence[Flag]) -> str:
         lines.append(f"  -{f.name}{typ}")
         help_text = f.help
         default = f.default_text()
-        if default not in ("", "false", "0s") and not f.is_list:
+        if default not in ("", "false", "0s", "0", "0.0") and not f.is_list:  # Go hides zero values
             help_text += f" (default {go_quote(default)})" if f.kind == "str" else f" (default {default})"
         lines.append(f"    \t{help_text}")
     return "\n".join(lines) + "\n"

@@ -531,3 +531,13 @@ def create_channel(nsqd: Daemon, topic: str, channel: str) -> None:
     """Topic and channel created up front, so every message is kept for the channel."""
     assert nsqd.http("POST", f"/topic/create?topic={topic}")[0] == 200
     assert nsqd.http("POST", f"/channel/create?topic={topic}&channel={channel}")[0] == 200
+
+
+def wait_drained(nsqd: Daemon, topic: str, channel: str, timeout: float = 120) -> None:
+    """Until every message of the channel is finished: none queued, in flight or deferred."""
+
+    def drained() -> bool:
+        c = channel_stats(nsqd, topic, channel)
+        return c["depth"] == 0 and c["in_flight_count"] == 0 and c["deferred_count"] == 0
+
+    wait_for(drained, timeout=timeout, interval=0.1, message=f"{topic}/{channel} drained")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, channel_stats, create_channel, go_binary, mpub_http, tool_command, wait_for
+from helpers import wait_drained, Daemon, channel_stats, create_channel, go_binary, mpub_http, tool_command, wait_for
 from pynsqd.client.tools.nsq_to_file import FileLogger, ToFileOptions, check, filename_format
 
 N = 100_000
@@ -55,13 +55,6 @@ def archive_lines(*dirs: Path) -> tuple[Counter, list[Path]]:
 def start_tool(*args: str) -> Daemon:
     return Daemon([*tool_command("nsq_to_file"), *args])
 
-
-def wait_drained(nsqd: Daemon, topic: str, channel: str, timeout: float = 120) -> None:
-    def drained() -> bool:
-        c = channel_stats(nsqd, topic, channel)
-        return c["depth"] == 0 and c["in_flight_count"] == 0
-
-    wait_for(drained, timeout=timeout, interval=0.1, message=f"{topic}/{channel} drained")
 
 
 def test_filename_format_and_checks(tmp_path):

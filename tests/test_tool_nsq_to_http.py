@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import Daemon, channel_stats, create_channel, mpub_http, tool_command, wait_for
+from helpers import wait_drained, Daemon, channel_stats, create_channel, mpub_http, tool_command, wait_for
 from pynsqd.client.tools.relay import HostPool, TimerMetrics
 from pynsqd.http_client import HTTPClientError, ResponseParser
 
@@ -53,13 +53,6 @@ class Sink:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-
-def wait_drained(nsqd: Daemon, topic: str, channel: str, timeout: float = 120) -> None:
-    def drained() -> bool:
-        c = channel_stats(nsqd, topic, channel)
-        return c["depth"] == 0 and c["in_flight_count"] == 0 and c["deferred_count"] == 0
-
-    wait_for(drained, timeout=timeout, interval=0.1, message=f"{topic}/{channel} drained")
 
 
 def start_tool(*args: str) -> Daemon:

@@ -14,18 +14,11 @@ from collections import Counter
 
 import pytest
 
-from helpers import Daemon, channel_stats, create_channel, drain, free_port, mpub_http, start_nsqd, tool_command, wait_for
+from helpers import wait_drained, Daemon, channel_stats, create_channel, drain, free_port, mpub_http, start_nsqd, tool_command, wait_for
 from pynsqd.client.tools.nsq_to_nsq import Backoff, JSONFilter
 
 N = 100_000
 
-
-def wait_drained(nsqd: Daemon, topic: str, channel: str, timeout: float = 120) -> None:
-    def drained() -> bool:
-        c = channel_stats(nsqd, topic, channel)
-        return c["depth"] == 0 and c["in_flight_count"] == 0 and c["deferred_count"] == 0
-
-    wait_for(drained, timeout=timeout, interval=0.1, message=f"{topic}/{channel} drained")
 
 
 def start_tool(*args: str) -> Daemon:

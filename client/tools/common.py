@@ -9,13 +9,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from pynsqd.flags import parse_bool, parse_duration
+from pynsqd.flags import flag_field, parse_bool, parse_duration, run_cli
 
 from ..conn import ConnectionOptions
 from ..errors import ClientError, describe
@@ -165,6 +165,81 @@ def opt_parser(known: dict[str, type]) -> Callable[[str], str]:
 
 def parse_opts(items: Iterable[str], known: dict[str, type]) -> dict[str, Any]:
     return dict(parse_opt(item, known) for item in items)
+
+
+# ---------------------------------------------------------------- the flags most tools share (Go's wording)
+
+
+def nsqd_tcp_addresses_flag(help: str = "nsqd TCP address (may be given multiple times)") -> Any:
+    return flag_field([], flag="nsqd-tcp-address", kind="strings", help=help)
+
+
+def lookupd_http_addresses_flag() -> Any:
+    return flag_field([], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)")
+
+
+def max_in_flight_flag() -> Any:
+    return flag_field(200, flag="max-in-flight", kind="int", help="max number of messages to allow in flight")
+
+
+def consumer_opts_flag() -> Any:
+    return flag_field(
+        [],
+        flag="consumer-opt",
+        kind="strings",
+        parse=opt_parser(CONSUMER_OPTIONS),
+        help="option to passthrough to the Reader (may be given multiple times, name,value; the Reader's option names)",
+    )
+
+
+def producer_opts_flag() -> Any:
+    return flag_field(
+        [],
+        flag="producer-opt",
+        kind="strings",
+        parse=opt_parser(PRODUCER_OPTIONS),
+        help="option to passthrough to the Writer (may be given multiple times, name,value; the Writer's option names)",
+    )
+
+
+def http_timeout_flags(request: float) -> tuple[Any, Any]:
+    return (
+        flag_field(2.0, flag="http-client-connect-timeout", kind="duration", help="timeout for HTTP connect"),
+        flag_field(request, flag="http-client-request-timeout", kind="duration", help="timeout for HTTP request"),
+    )
+
+
+def log_level_flag(default: str, prog: str) -> Any:
+    help = "set log verbosity: debug, info, warn, error, or fatal" + (f" ({prog} only)" if prog else "")
+    return flag_field(default, flag="log-level", kind="str", choices=LOG_LEVELS, help=help)
+
+
+def version_flag() -> Any:
+    return flag_field(False, flag="version", kind="bool", help="print version string")
+
+
+def tool_main(
+    prog: str,
+    options_cls: type,
+    doc: str | None,
+    argv: Sequence[str] | None,
+    check: Callable[[Any, AbstractSet[str]], str | None],
+    start: Callable[[Any], int],
+) -> int:
+    """A tool's console entry point, as Go's tools behave: flags (``--help``
+    with what differs from Go, exit 2 on a bad one), ``--version``, the
+    start-up checks (exit 1 with one line), logging, then ``start(opts)``."""
+    opts, parsed = run_cli(prog, options_cls, list(sys.argv[1:] if argv is None else argv), differences(doc))
+    if opts.version:
+        print(version_line(prog))
+        return 0
+    problem = check(opts, parsed.given)
+    if problem:
+        sys.stderr.write(f"{prog}: {problem}\n")
+        return 1
+    if hasattr(opts, "log_level"):
+        configure_logging(getattr(opts, "log_prefix", f"[{prog}] "), opts.log_level)
+    return start(opts)
 
 
 # ---------------------------------------------------------------- running

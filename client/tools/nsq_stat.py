@@ -19,17 +19,25 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet, Iterable, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 
 from ..lookupd import QueryErrors, lookup_url, parse_lookup, producer_http_addresses
-from .common import ToolExit, differences, run_tool, tool_name, version_line
+from .common import (
+    ToolExit,
+    http_timeout_flags,
+    lookupd_http_addresses_flag,
+    run_tool,
+    tool_main,
+    tool_name,
+    version_flag,
+)
 
 PROG = tool_name("nsq_stat")
 HEADER_EVERY = 25
@@ -42,15 +50,12 @@ class StatOptions:
     interval: float = flag_field(2.0, flag="interval", kind="duration", help="duration of time between polling/printing output")
     count: int = flag_field(0, flag="count", kind="int", help="number of reports (default: until interrupted)")
     nsqd_http_addresses: list[str] = flag_field([], flag="nsqd-http-address", kind="strings", help="nsqd HTTP address (may be given multiple times)")
-    lookupd_http_addresses: list[str] = flag_field(
-        [], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)"
-    )
-    http_connect_timeout: float = flag_field(2.0, flag="http-client-connect-timeout", kind="duration", help="timeout for HTTP connect")
-    http_request_timeout: float = flag_field(5.0, flag="http-client-request-timeout", kind="duration", help="timeout for HTTP request")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version")
+    lookupd_http_addresses: list[str] = lookupd_http_addresses_flag()
+    http_connect_timeout, http_request_timeout = http_timeout_flags(5.0)
+    version: bool = version_flag()
 
 
-def check(opts: StatOptions, given: set[str]) -> str | None:
+def check(opts: StatOptions, given: AbstractSet[str]) -> str | None:
     """Go's start-up checks, in Go's order."""
     if not opts.topic or not opts.channel:
         return "--topic and --channel are required"
@@ -234,16 +239,7 @@ async def stat_loop(opts: StatOptions, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, parsed = run_cli(PROG, StatOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts, parsed.given)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    return run_tool(PROG, stat_loop, opts, sys.stdout)
+    return tool_main(PROG, StatOptions, __doc__, argv, check, lambda opts: run_tool(PROG, stat_loop, opts, sys.stdout))
 
 
 if __name__ == "__main__":

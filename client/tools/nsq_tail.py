@@ -15,31 +15,33 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet, Awaitable, Callable, Sequence
 from typing import Any, BinaryIO
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
 from ..message import Message
 from ..reader import Reader
 from .common import (
-    differences,
     CONSUMER_OPTIONS,
-    LOG_LEVELS,
     ToolExit,
-    configure_logging,
+    consumer_opts_flag,
     fail_if_not_dialled,
-    opt_parser,
+    log_level_flag,
+    lookupd_http_addresses_flag,
+    max_in_flight_flag,
+    nsqd_tcp_addresses_flag,
     parse_opts,
     run_tool,
+    tool_main,
     tool_name,
     until_signal,
     user_agent,
-    version_line,
+    version_flag,
 )
 
 PROG = tool_name("nsq_tail")
@@ -50,24 +52,16 @@ class TailOptions:
     topics: list[str] = flag_field([], flag="topic", kind="strings", help="NSQ topic (may be given multiple times)")
     channel: str = flag_field("", flag="channel", kind="str", help="NSQ channel (default: tailNNNNNN#ephemeral)")
     n: int = flag_field(0, flag="n", kind="int", help="total messages to show (will wait if starved)")
-    max_in_flight: int = flag_field(200, flag="max-in-flight", kind="int", help="max number of messages to allow in flight")
-    nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="nsqd TCP address (may be given multiple times)")
-    lookupd_http_addresses: list[str] = flag_field(
-        [], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)"
-    )
+    max_in_flight: int = max_in_flight_flag()
+    nsqd_tcp_addresses: list[str] = nsqd_tcp_addresses_flag()
+    lookupd_http_addresses: list[str] = lookupd_http_addresses_flag()
     print_topic: bool = flag_field(False, flag="print-topic", kind="bool", help="print topic name where message was received")
-    consumer_opts: list[str] = flag_field(
-        [],
-        flag="consumer-opt",
-        kind="strings",
-        parse=opt_parser(CONSUMER_OPTIONS),
-        help="option to passthrough to the Reader (may be given multiple times, name,value; the Reader's option names)",
-    )
-    log_level: str = flag_field("warn", flag="log-level", kind="str", choices=LOG_LEVELS, help="log verbosity (pynsq_tail only)")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
+    consumer_opts: list[str] = consumer_opts_flag()
+    log_level: str = log_level_flag("warn", PROG)
+    version: bool = version_flag()
 
 
-def check(opts: TailOptions) -> str | None:
+def check(opts: TailOptions, given: AbstractSet[str] = frozenset()) -> str | None:
     """Go's start-up checks, in Go's order; the first failure's message."""
     if not opts.nsqd_tcp_addresses and not opts.lookupd_http_addresses:
         return "--nsqd-tcp-address or --lookupd-http-address required"
@@ -170,17 +164,7 @@ async def _stop_when_done(tail: Tail, stop_all: Callable[[], Awaitable[None]]) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, TailOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    configure_logging(f"[{PROG}] ", opts.log_level)
-    return run_tool(PROG, run_tail, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS))
+    return tool_main(PROG, TailOptions, __doc__, argv, check, lambda opts: run_tool(PROG, run_tail, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS)))
 
 
 if __name__ == "__main__":

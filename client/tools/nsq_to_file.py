@@ -39,33 +39,35 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet, Callable, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
 from ..message import Message
 from ..reader import Reader
 from .common import (
-    differences,
     CONSUMER_OPTIONS,
-    LOG_LEVELS,
     ToolExit,
-    configure_logging,
+    consumer_opts_flag,
     fail_if_not_dialled,
+    http_timeout_flags,
+    log_level_flag,
+    lookupd_http_addresses_flag,
     lookupd_topics,
-    opt_parser,
+    max_in_flight_flag,
+    nsqd_tcp_addresses_flag,
     parse_opts,
     run_tool,
+    tool_main,
     tool_name,
     user_agent,
-    version_line,
+    version_flag,
 )
 
 PROG = tool_name("nsq_to_file")
@@ -78,22 +80,13 @@ class ToFileOptions:
     topic_pattern: str = flag_field("", flag="topic-pattern", kind="str", help="only log topics matching the following pattern")
     topic_refresh: float = flag_field(60.0, flag="topic-refresh", kind="duration", help="how frequently the topic list should be refreshed")
     channel: str = flag_field("nsq_to_file", flag="channel", kind="str", help="nsq channel")
-    nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="nsqd TCP address (may be given multiple times)")
-    lookupd_http_addresses: list[str] = flag_field(
-        [], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)"
-    )
-    consumer_opts: list[str] = flag_field(
-        [],
-        flag="consumer-opt",
-        kind="strings",
-        parse=opt_parser(CONSUMER_OPTIONS),
-        help="option to passthrough to the Reader (may be given multiple times, name,value; the Reader's option names)",
-    )
-    max_in_flight: int = flag_field(200, flag="max-in-flight", kind="int", help="max number of messages to allow in flight")
-    http_connect_timeout: float = flag_field(2.0, flag="http-client-connect-timeout", kind="duration", help="timeout for HTTP connect")
-    http_request_timeout: float = flag_field(5.0, flag="http-client-request-timeout", kind="duration", help="timeout for HTTP request")
+    nsqd_tcp_addresses: list[str] = nsqd_tcp_addresses_flag()
+    lookupd_http_addresses: list[str] = lookupd_http_addresses_flag()
+    consumer_opts: list[str] = consumer_opts_flag()
+    max_in_flight: int = max_in_flight_flag()
+    http_connect_timeout, http_request_timeout = http_timeout_flags(5.0)
     log_prefix: str = flag_field(f"[{PROG}] ", flag="log-prefix", kind="str", help="log message prefix")
-    log_level: str = flag_field("info", flag="log-level", kind="str", choices=LOG_LEVELS, help="set log verbosity: debug, info, warn, error, or fatal")
+    log_level: str = log_level_flag("info", "")
     output_dir: str = flag_field("/tmp", flag="output-dir", kind="str", help="directory to write output files to")
     work_dir: str = flag_field("", flag="work-dir", kind="str", help="directory for in-progress files before moving to output-dir")
     datetime_format: str = flag_field("%Y-%m-%d_%H", flag="datetime-format", kind="str", help="strftime compatible format for <DATETIME> in filename format")
@@ -112,14 +105,14 @@ class ToFileOptions:
     rotate_size: int = flag_field(0, flag="rotate-size", kind="int", help="rotate the file when it grows bigger than rotate-size bytes")
     rotate_interval: float = flag_field(0.0, flag="rotate-interval", kind="duration", help="rotate the file every duration")
     sync_interval: float = flag_field(30.0, flag="sync-interval", kind="duration", help="sync file to disk every duration")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
+    version: bool = version_flag()
 
     @property
     def work(self) -> str:
         return self.work_dir or self.output_dir
 
 
-def check(opts: ToFileOptions) -> str | None:
+def check(opts: ToFileOptions, given: AbstractSet[str] = frozenset()) -> str | None:
     """Go's start-up checks in Go's order, then the ones Go only logs later."""
     if not opts.channel:
         return "--channel is required"
@@ -498,17 +491,7 @@ async def run_to_file(opts: ToFileOptions, extra: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToFileOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    configure_logging(opts.log_prefix, opts.log_level)
-    return run_tool(PROG, run_to_file, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS))
+    return tool_main(PROG, ToFileOptions, __doc__, argv, check, lambda opts: run_tool(PROG, run_to_file, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS)))
 
 
 if __name__ == "__main__":

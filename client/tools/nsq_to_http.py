@@ -29,33 +29,35 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
-from collections.abc import Sequence
+from collections.abc import Set as AbstractSet, Sequence
 from typing import Any
 from urllib.parse import quote_plus
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 from pynsqd.http_client import ConnectionPool, HTTPClientError
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
 from ..message import Message
 from ..reader import Reader
 from .common import (
-    differences,
     CONSUMER_OPTIONS,
-    LOG_LEVELS,
-    configure_logging,
+    consumer_opts_flag,
     fail_if_not_dialled,
-    opt_parser,
+    http_timeout_flags,
+    log_level_flag,
+    lookupd_http_addresses_flag,
+    max_in_flight_flag,
+    nsqd_tcp_addresses_flag,
     parse_opts,
     run_tool,
+    tool_main,
     tool_name,
     until_signal,
     user_agent,
-    version_line,
+    version_flag,
 )
 from .relay import MODES, HostPool, TimerMetrics
 
@@ -67,13 +69,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 class ToHTTPOptions:
     topic: str = flag_field("", flag="topic", kind="str", help="nsq topic")
     channel: str = flag_field("nsq_to_http", flag="channel", kind="str", help="nsq channel")
-    consumer_opts: list[str] = flag_field(
-        [],
-        flag="consumer-opt",
-        kind="strings",
-        parse=opt_parser(CONSUMER_OPTIONS),
-        help="option to passthrough to the Reader (may be given multiple times, name,value; the Reader's option names)",
-    )
+    consumer_opts: list[str] = consumer_opts_flag()
     content_type: str = flag_field(DEFAULT_CONTENT_TYPE, flag="content-type", kind="str", help="the Content-Type used for POST requests")
     get_addresses: list[str] = flag_field(
         [], flag="get", kind="strings", help="HTTP address to make a GET request to. '%s' will be printf replaced with data (may be given multiple times)"
@@ -82,12 +78,9 @@ class ToHTTPOptions:
         [], flag="post", kind="strings", help="HTTP address to make a POST request to.  data will be in the body (may be given multiple times)"
     )
     headers: list[str] = flag_field([], flag="header", kind="strings", help="Custom header for HTTP requests, key:value (may be given multiple times)")
-    http_connect_timeout: float = flag_field(2.0, flag="http-client-connect-timeout", kind="duration", help="timeout for HTTP connect")
-    http_request_timeout: float = flag_field(20.0, flag="http-client-request-timeout", kind="duration", help="timeout for HTTP request")
-    lookupd_http_addresses: list[str] = flag_field(
-        [], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)"
-    )
-    max_in_flight: int = flag_field(200, flag="max-in-flight", kind="int", help="max number of messages to allow in flight")
+    http_connect_timeout, http_request_timeout = http_timeout_flags(20.0)
+    lookupd_http_addresses: list[str] = lookupd_http_addresses_flag()
+    max_in_flight: int = max_in_flight_flag()
     mode: str = flag_field(
         "hostpool",
         flag="mode",
@@ -95,11 +88,11 @@ class ToHTTPOptions:
         help="the upstream request mode options: round-robin, hostpool (default), epsilon-greedy, multicast (every message to every address)",
     )
     n: int = flag_field(100, flag="n", kind="int", help="number of concurrent publishers")
-    nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="nsqd TCP address (may be given multiple times)")
+    nsqd_tcp_addresses: list[str] = nsqd_tcp_addresses_flag()
     sample: float = flag_field(1.0, flag="sample", kind="float", help="% of messages to publish (float b/w 0 -> 1)")
     status_every: int = flag_field(250, flag="status-every", kind="int", help="the # of requests between logging status (per handler), 0 disables")
-    log_level: str = flag_field("info", flag="log-level", kind="str", choices=LOG_LEVELS, help="log verbosity (pynsq_to_http only)")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
+    log_level: str = log_level_flag("info", PROG)
+    version: bool = version_flag()
 
 
 def parse_headers(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -112,7 +105,7 @@ def parse_headers(items: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def check(opts: ToHTTPOptions, given: set[str]) -> str | None:
+def check(opts: ToHTTPOptions, given: AbstractSet[str]) -> str | None:
     """Go's start-up checks, in Go's order."""
     if not opts.topic or not opts.channel:
         return "--topic and --channel are required"
@@ -256,17 +249,7 @@ async def run_to_http(opts: ToHTTPOptions, extra: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, parsed = run_cli(PROG, ToHTTPOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts, parsed.given)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    configure_logging(f"[{PROG}] ", opts.log_level)
-    return run_tool(PROG, run_to_http, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS))
+    return tool_main(PROG, ToHTTPOptions, __doc__, argv, check, lambda opts: run_tool(PROG, run_to_http, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS)))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from collections.abc import Sequence
+from collections.abc import Set as AbstractSet, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
 from ..errors import ClientError
@@ -43,19 +42,22 @@ from ..message import Message
 from ..reader import Reader
 from ..writer import Writer
 from .common import (
-    differences,
     CONSUMER_OPTIONS,
-    LOG_LEVELS,
     PRODUCER_OPTIONS,
-    configure_logging,
+    consumer_opts_flag,
     fail_if_not_dialled,
-    opt_parser,
+    log_level_flag,
+    lookupd_http_addresses_flag,
+    max_in_flight_flag,
+    nsqd_tcp_addresses_flag,
     parse_opts,
+    producer_opts_flag,
     run_tool,
+    tool_main,
     tool_name,
     until_signal,
     user_agent,
-    version_line,
+    version_flag,
 )
 from .relay import MODES, HostPool, TimerMetrics
 
@@ -73,25 +75,11 @@ class ToNSQOptions:
     destination_nsqd_tcp_addresses: list[str] = flag_field(
         [], flag="destination-nsqd-tcp-address", kind="strings", help="destination nsqd TCP address (may be given multiple times)"
     )
-    nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="nsqd TCP address (may be given multiple times)")
-    lookupd_http_addresses: list[str] = flag_field(
-        [], flag="lookupd-http-address", kind="strings", help="lookupd HTTP address (may be given multiple times)"
-    )
-    consumer_opts: list[str] = flag_field(
-        [],
-        flag="consumer-opt",
-        kind="strings",
-        parse=opt_parser(CONSUMER_OPTIONS),
-        help="option to passthrough to the Reader (may be given multiple times, name,value; the Reader's option names)",
-    )
-    producer_opts: list[str] = flag_field(
-        [],
-        flag="producer-opt",
-        kind="strings",
-        parse=opt_parser(PRODUCER_OPTIONS),
-        help="option to passthrough to the Writer (may be given multiple times, name,value; the Writer's option names)",
-    )
-    max_in_flight: int = flag_field(200, flag="max-in-flight", kind="int", help="max number of messages to allow in flight")
+    nsqd_tcp_addresses: list[str] = nsqd_tcp_addresses_flag()
+    lookupd_http_addresses: list[str] = lookupd_http_addresses_flag()
+    consumer_opts: list[str] = consumer_opts_flag()
+    producer_opts: list[str] = producer_opts_flag()
+    max_in_flight: int = max_in_flight_flag()
     mode: str = flag_field("hostpool", flag="mode", kind="str", help="the upstream request mode options: round-robin, hostpool (default), epsilon-greedy")
     status_every: int = flag_field(250, flag="status-every", kind="int", help="the # of requests between logging status (per destination), 0 disables")
     require_json_field: str = flag_field("", flag="require-json-field", kind="str", help="for JSON messages: only pass messages that contain this field")
@@ -99,11 +87,11 @@ class ToNSQOptions:
         "", flag="require-json-value", kind="str", help="for JSON messages: only pass messages in which the required field has this value"
     )
     whitelist_json_fields: list[str] = flag_field([], flag="whitelist-json-field", kind="strings", help="for JSON messages: pass this field (may be given multiple times)")
-    log_level: str = flag_field("info", flag="log-level", kind="str", choices=LOG_LEVELS, help="log verbosity (pynsq_to_nsq only)")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string")
+    log_level: str = log_level_flag("info", PROG)
+    version: bool = version_flag()
 
 
-def check(opts: ToNSQOptions) -> str | None:
+def check(opts: ToNSQOptions, given: AbstractSet[str] = frozenset()) -> str | None:
     """Go's start-up checks, in Go's order."""
     if not opts.topics or not opts.channel:
         return "--topic and --channel are required"
@@ -327,17 +315,10 @@ async def run_to_nsq(opts: ToNSQOptions, consumer_extra: dict[str, Any], produce
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToNSQOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    configure_logging(f"[{PROG}] ", opts.log_level)
-    return run_tool(PROG, run_to_nsq, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS), parse_opts(opts.producer_opts, PRODUCER_OPTIONS))
+    def start(opts: ToNSQOptions) -> int:
+        return run_tool(PROG, run_to_nsq, opts, parse_opts(opts.consumer_opts, CONSUMER_OPTIONS), parse_opts(opts.producer_opts, PRODUCER_OPTIONS))
+
+    return tool_main(PROG, ToNSQOptions, __doc__, argv, check, start)
 
 
 if __name__ == "__main__":

@@ -16,31 +16,30 @@ without a delimiter is published whole (Go's to_nsq cuts its last byte);
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Set as AbstractSet, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from pynsqd.flags import flag_field, run_cli
+from pynsqd.flags import flag_field
 from pynsqd.protocol import is_valid_topic_name
 
 from ..errors import NSQError
 from ..writer import Writer
 from .common import (
-    differences,
-    LOG_LEVELS,
     PRODUCER_OPTIONS,
-    configure_logging,
     fail_if_not_dialled,
-    opt_parser,
+    log_level_flag,
+    nsqd_tcp_addresses_flag,
     parse_opts,
+    producer_opts_flag,
     run_tool,
+    tool_main,
     tool_name,
     until_signal,
     user_agent,
-    version_line,
+    version_flag,
 )
 
 PROG = tool_name("to_nsq")
@@ -52,20 +51,14 @@ MAX_BATCH_BYTES = 512 * 1024  # ...well under nsqd's default --max-body-size (5 
 class ToNSQOptions:
     topic: str = flag_field("", flag="topic", kind="str", help="NSQ topic to publish to")
     delimiter: str = flag_field("\n", flag="delimiter", kind="str", help="character to split input from stdin")
-    nsqd_tcp_addresses: list[str] = flag_field([], flag="nsqd-tcp-address", kind="strings", help="destination nsqd TCP address (may be given multiple times)")
-    producer_opts: list[str] = flag_field(
-        [],
-        flag="producer-opt",
-        kind="strings",
-        parse=opt_parser(PRODUCER_OPTIONS),
-        help="option to passthrough to the Writer (may be given multiple times, name,value; the Writer's option names)",
-    )
+    nsqd_tcp_addresses: list[str] = nsqd_tcp_addresses_flag("destination nsqd TCP address (may be given multiple times)")
+    producer_opts: list[str] = producer_opts_flag()
     rate: int = flag_field(0, flag="rate", kind="int", help="Throttle messages to n/second. 0 to disable")
-    log_level: str = flag_field("warn", flag="log-level", kind="str", choices=LOG_LEVELS, help="log verbosity (pyto_nsq only)")
-    version: bool = flag_field(False, flag="version", kind="bool", help="print version string (pyto_nsq only)")
+    log_level: str = log_level_flag("warn", PROG)
+    version: bool = version_flag()
 
 
-def check(opts: ToNSQOptions) -> str | None:
+def check(opts: ToNSQOptions, given: AbstractSet[str] = frozenset()) -> str | None:
     if not opts.topic:
         return "--topic required"
     if not is_valid_topic_name(opts.topic):
@@ -179,17 +172,7 @@ async def run_to_nsq(opts: ToNSQOptions, extra: dict[str, Any], fd: int = 0) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts, _ = run_cli(PROG, ToNSQOptions, args, differences(__doc__))
-    if opts.version:
-        print(version_line(PROG))
-        return 0
-    problem = check(opts)
-    if problem:
-        sys.stderr.write(f"{PROG}: {problem}\n")
-        return 1
-    configure_logging(f"[{PROG}] ", opts.log_level)
-    return run_tool(PROG, run_to_nsq, opts, parse_opts(opts.producer_opts, PRODUCER_OPTIONS))
+    return tool_main(PROG, ToNSQOptions, __doc__, argv, check, lambda opts: run_tool(PROG, run_to_nsq, opts, parse_opts(opts.producer_opts, PRODUCER_OPTIONS)))
 
 
 if __name__ == "__main__":
