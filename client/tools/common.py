@@ -262,16 +262,21 @@ async def until_signal(on_signal: Callable[[], Awaitable[None]], *, task_status:
             nursery.cancel_scope.cancel()
 
 
-async def fail_if_not_dialled(prog: str, services: Iterable[Any], timeout: float) -> None:
+async def fail_if_not_dialled(prog: str, services: Iterable[Any], nursery: trio.Nursery) -> None:
     """Go's tools exit 1 when an nsqd given by address cannot be reached (or
     refuses the subscription) at start; the client would keep redialling.
-    ``services`` are started Readers/Writers (``wait_dialled``, ``connect_errors``)."""
+    ``services`` are started Readers/Writers (``wait_dialled``,
+    ``connect_errors``; those given only lookupds pass at once).  On a
+    failure ``nursery`` (the one they run in) is cancelled and ToolExit raised."""
     services = list(services)
-    with trio.move_on_after(timeout):
+    if not services:
+        return
+    with trio.move_on_after(services[0].conn_options.dial_timeout + 5):
         for service in services:
             await service.wait_dialled()
     for service in services:
         for address, error in sorted(service.connect_errors.items()):
+            nursery.cancel_scope.cancel()
             raise ToolExit(1, f"{prog}: cannot connect to nsqd {address}: {describe(error)}")
 
 

@@ -28,7 +28,6 @@ from ..message import Message
 from ..reader import Reader
 from .common import (
     CONSUMER_OPTIONS,
-    ToolExit,
     consumer_opts_flag,
     fail_if_not_dialled,
     log_level_flag,
@@ -144,11 +143,7 @@ async def run_tail(opts: TailOptions, extra: dict[str, Any], out: BinaryIO | Non
         for r in readers:
             await nursery.start(r.run)
         await nursery.start(until_signal, stop_all)
-        try:
-            await fail_if_not_dialled(PROG, readers, timeout=readers[0].conn_options.dial_timeout + 5)
-        except ToolExit:
-            nursery.cancel_scope.cancel()
-            raise
+        await fail_if_not_dialled(PROG, readers, nursery)
         nursery.start_soon(_stop_when_done, tail, stop_all)
         for r in readers:
             await r.wait_stopped()

@@ -53,7 +53,6 @@ from ..message import Message
 from ..reader import Reader
 from .common import (
     CONSUMER_OPTIONS,
-    ToolExit,
     consumer_opts_flag,
     fail_if_not_dialled,
     http_timeout_flags,
@@ -475,12 +474,7 @@ class Archiver:
 
             nursery.start_soon(signals_and_discovery)
             started = await self.add(self.opts.topics)
-            if self.opts.nsqd_tcp_addresses and started:
-                try:
-                    await fail_if_not_dialled(PROG, [a.reader for a in started], timeout=started[0].reader.conn_options.dial_timeout + 5)
-                except ToolExit:
-                    nursery.cancel_scope.cancel()
-                    raise
+            await fail_if_not_dialled(PROG, [a.reader for a in started], nursery)
         return 0
 
 

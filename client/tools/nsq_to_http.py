@@ -237,12 +237,7 @@ async def run_to_http(opts: ToHTTPOptions, extra: dict[str, Any]) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(reader.run)
             await nursery.start(until_signal, reader.stop)
-            if opts.nsqd_tcp_addresses:
-                try:
-                    await fail_if_not_dialled(PROG, [reader], timeout=reader.conn_options.dial_timeout + 5)
-                except BaseException:
-                    nursery.cancel_scope.cancel()
-                    raise
+            await fail_if_not_dialled(PROG, [reader], nursery)
             await reader.wait_stopped()
             nursery.cancel_scope.cancel()
     return 0

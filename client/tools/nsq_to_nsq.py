@@ -299,12 +299,7 @@ async def run_to_nsq(opts: ToNSQOptions, consumer_extra: dict[str, Any], produce
             for relay in relays:
                 await relaying.start(relay.run)
             await relaying.start(until_signal, stop_readers)
-            if opts.nsqd_tcp_addresses:
-                try:
-                    await fail_if_not_dialled(PROG, [r.reader for r in relays], timeout=relays[0].reader.conn_options.dial_timeout + 5)
-                except BaseException:
-                    nursery.cancel_scope.cancel()
-                    raise
+            await fail_if_not_dialled(PROG, [r.reader for r in relays], nursery)
             for relay in relays:
                 await relay.reader.wait_stopped()
             relaying.cancel_scope.cancel()

@@ -163,7 +163,7 @@ async def run_to_nsq(opts: ToNSQOptions, extra: dict[str, Any], fd: int = 0) -> 
             nursery.cancel_scope.cancel()
 
         await nursery.start(until_signal, interrupted)
-        await fail_if_not_dialled(PROG, writers, timeout=writers[0].conn_options.dial_timeout + 5)
+        await fail_if_not_dialled(PROG, writers, nursery)
         await publish_stream(writers, opts.topic, delimiter, opts.rate, fd)
         for writer in writers:
             await writer.stop()
