@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_drained, Daemon, channel_stats, create_channel, go_binary, mpub_http, tool_command, wait_for
+from helpers import Daemon, channel_stats, create_channel, go_binary, mpub_http, tool_command, wait_for, wait_drained
 from pynsqd.client.tools.nsq_to_file import FileLogger, ToFileOptions, check, filename_format
 
 N = 100_000

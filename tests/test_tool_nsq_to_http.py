@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import wait_drained, Daemon, channel_stats, create_channel, mpub_http, tool_command, wait_for
+from helpers import Daemon, channel_stats, create_channel, mpub_http, tool_command, wait_for, wait_drained
 from pynsqd.client.tools.relay import HostPool, TimerMetrics
 from pynsqd.http_client import HTTPClientError, ResponseParser
 

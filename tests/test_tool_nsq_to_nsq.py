@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import wait_drained, Daemon, channel_stats, create_channel, drain, free_port, mpub_http, start_nsqd, tool_command, wait_for
+from helpers import Daemon, channel_stats, create_channel, drain, free_port, mpub_http, start_nsqd, tool_command, wait_for, wait_drained
 from pynsqd.client.tools.nsq_to_nsq import Backoff, JSONFilter
 
 N = 100_000
