@@ -15,13 +15,14 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .backend_queue import BackendQueue
 from .client_v2 import ClientV2
 from .log import get_logger
-from .message import Message
+from .memory_queue import MemoryQueue
+from .message import Message, Messages, any_deferred, encode_messages
 from .protocol import is_ephemeral
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Channel:
         self._on_delete = on_delete
         self.e2e = e2e
 
-        self.memory: deque[Message] = deque()
+        self.memory = MemoryQueue()
         self.in_flight: dict[bytes, Message] = {}
         # in-flight messages by the timeout they were given: deliveries and
         # TOUCHes append with deadline = now + that timeout, so each dict is
@@ -113,7 +114,7 @@ class Channel:
 
     # ------------------------------------------------------------ putting
 
-    def put_messages(self, msgs: list[Message], mark: int | None = None) -> None:
+    def put_messages(self, msgs: Messages, mark: int | None = None) -> None:
         """Messages arriving from the topic, all or none: raises BackendError
         (nothing accepted) if what must go to disk cannot be stored.  ``mark``:
         the batch is the topic's backlog up to that position (durable mode)."""
@@ -124,7 +125,7 @@ class Channel:
             return
         plain = msgs
         deferred = None
-        if any(m.deferred for m in msgs):
+        if any_deferred(msgs):
             plain = [m for m in msgs if not m.deferred]
             deferred = [m for m in msgs if m.deferred]
         if plain:
@@ -138,32 +139,32 @@ class Channel:
         if plain:
             self._pump()
 
-    def _put_durable(self, msgs: list[Message], mark: int | None) -> None:
+    def _put_durable(self, msgs: Messages, mark: int | None) -> None:
         """--sync-every=1: every message to disk, a deferred one with its due
         time in the queue's journal (read back into the deferred heap)."""
         notes = None
-        if any(m.deferred for m in msgs):
+        if any_deferred(msgs):
             now = time.time_ns()
             notes = [now + int(m.deferred * 1e9) if m.deferred else 0 for m in msgs]
-        self.backend.put_many([m.encode() for m in msgs], notes=notes, mark=mark)  # type: ignore[call-arg]
+        self.backend.put_many(encode_messages(msgs), notes=notes, mark=mark)  # type: ignore[call-arg]
         self.message_count += len(msgs)
         self._pump()
 
-    def _enqueue(self, msgs: list[Message]) -> None:
+    def _enqueue(self, msgs: Messages) -> None:
         """Into memory up to mem-queue-size, the rest to the backend (written
         first, so that a failure leaves nothing half-accepted)."""
         mem = self.memory
         room = self.mem_queue_size - len(mem)
         if room >= len(msgs):
-            mem.extend(msgs)
+            mem.put(msgs)
             return
         if room > 0:
-            self.backend.put_many([m.encode() for m in msgs[room:]])
-            mem.extend(msgs[:room])
+            self.backend.put_many(encode_messages(msgs[room:]))
+            mem.put(msgs[:room])
         else:
-            self.backend.put_many([m.encode() for m in msgs])
+            self.backend.put_many(encode_messages(msgs))
 
-    def take_stalled(self, msgs: list[Message]) -> None:
+    def take_stalled(self, msgs: Messages) -> None:
         """Shutdown: messages the topic still owed this channel (its disk was
         full) go to memory, whatever its bound, to be flushed with the rest."""
         self.message_count += len(msgs)
@@ -242,6 +243,19 @@ class Channel:
                 return mem.popleft()
             return None
 
+    def _pop_many(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages, as ``_pop`` would give them one by one."""
+        if self.backend.depth() == 0:
+            self._backend_turn = True
+            return self.memory.pop_many(limit)
+        out = []
+        while len(out) < limit:
+            msg = self._pop()
+            if msg is None:
+                break
+            out.append(msg)
+        return out
+
     def _pump(self) -> None:
         """Push queued messages to ready clients until one side runs out."""
         if self._pumping or self.paused:
@@ -253,7 +267,8 @@ class Channel:
         try:
             mem = self.memory
             backend = self.backend
-            now = None
+            # competing consumers take turns, each taking its share of what is waiting
+            share = max(1, -(-(len(mem) + backend.depth()) // len(ready)))
             while ready and (mem or backend.depth() > 0):
                 client = ready[0]
                 if not client.can_receive():
@@ -262,37 +277,43 @@ class Channel:
                     client.flush_now = True
                     client.wakeup()
                     continue
-                msg = self._pop()
-                if msg is None:
-                    break
-                if client.sample_rate and client.sampled_out():
-                    continue
-                if now is None:
-                    now = self._clock()
-                self._start_in_flight(msg, client, now)
-                client.deliver(msg)
-                # round-robin between competing consumers
+                if client.sample_rate:
+                    msg = self._pop()
+                    if msg is None:
+                        break
+                    if not client.sampled_out():
+                        self._start_in_flight((msg,), client)
+                        client.deliver(msg)
+                else:
+                    msgs = self._pop_many(min(share, client.ready_count - client.in_flight_count))
+                    if not msgs:
+                        break
+                    self._start_in_flight(msgs, client)
+                    client.deliver_many(msgs)
                 if len(ready) > 1:
                     ready.rotate(-1)
         finally:
             self._pumping = False
 
-    def _start_in_flight(self, msg: Message, client: ClientV2, now: float) -> None:
-        msg.attempts += 1
-        if msg.token is not None:
-            # the record on disk counts the attempt too, for a redelivery after a crash
-            self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
-        msg.client = client
-        msg.delivered_at = now
+    def _start_in_flight(self, msgs: Sequence[Message], client: ClientV2) -> None:
+        now = self._clock()
         timeout = client.msg_timeout
         deadline = now + timeout
-        msg.deadline = deadline
-        self.in_flight[msg.id] = msg
         flight = self._flights.get(timeout)
         if flight is None:
             flight = self._flights[timeout] = {}
-        flight[msg.id] = msg
-        msg.flight = flight
+        in_flight = self.in_flight
+        for msg in msgs:
+            msg.attempts += 1
+            if msg.token is not None:
+                # the record on disk counts the attempt too, for a redelivery after a crash
+                self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
+            msg.client = client
+            msg.delivered_at = now
+            msg.deadline = deadline
+            in_flight[msg.id] = msg
+            flight[msg.id] = msg
+            msg.flight = flight
         if deadline < self._next_deadline:
             self._set_next_deadline(deadline)
 
@@ -376,29 +397,55 @@ class Channel:
         return msg
 
     def finish(self, client: ClientV2, msg_id: bytes) -> None:
-        # the hottest path of a consumer: FIN, then usually hand the freed
-        # slot the next message, so the common case avoids the general pump
         msg = self._pop_in_flight(client, msg_id)
-        if msg.token is not None:
-            self.backend.ack(msg.token)  # type: ignore[attr-defined]
-        if client.in_flight_count > 0:
-            client.in_flight_count -= 1
-        client.finish_count += 1
+        self._finished(client, (msg,))
+
+    def finish_many(self, client: ClientV2, ids: Sequence[bytes], start: int = 0) -> int:
+        """FIN ``ids[start:]`` in order, up to the first one this client cannot
+        finish; returns its index (``len(ids)``: all done; ``finish`` of that
+        id raises the reason).  The consumer's hottest path: a buffer of FINs
+        at a time, the freed slots refilled once at the end."""
+        in_flight = self.in_flight
+        done = []
+        stop = len(ids)
+        for i in range(start, stop):
+            msg_id = ids[i]
+            msg = in_flight.get(msg_id)
+            if msg is None or msg.client is not client:
+                stop = i
+                break
+            del in_flight[msg_id]
+            flight = msg.flight
+            if flight is not None:
+                del flight[msg_id]
+                msg.flight = None
+            done.append(msg)
+        if done:
+            self._finished(client, done)
+        return stop
+
+    def _finished(self, client: ClientV2, msgs: Sequence[Message]) -> None:
+        """``msgs`` left ``client``'s window by FIN: count them, let their
+        records go (durable mode), hand the client what is waiting."""
+        for msg in msgs:
+            if msg.token is not None:
+                self.backend.ack(msg.token)  # type: ignore[attr-defined]
+        n = len(msgs)
+        client.in_flight_count = max(0, client.in_flight_count - n)
+        client.finish_count += n
         if self.e2e is not None:
-            self.e2e.add(time.time_ns() - msg.timestamp)
-        if (
-            client.in_flight_count < client.ready_count
-            and not self.paused
-            and not self._pumping
-            and not client.sample_rate
-            and (self.memory or self.backend.depth() > 0)
-        ):
+            now = time.time_ns()
+            for msg in msgs:
+                self.e2e.add(now - msg.timestamp)
+        want = client.ready_count - client.in_flight_count
+        if want > 0 and not self.paused and not self._pumping and not client.sample_rate and (self.memory or self.backend.depth() > 0):
             # messages are waiting, so no other client is ready and idle (the
-            # pump never leaves one): this client takes the next one
-            nxt = self._pop()
-            if nxt is not None:
-                self._start_in_flight(nxt, client, self._clock())
-                client.deliver(nxt)
+            # pump never leaves one): this client takes the next ones, as
+            # many as FIN by FIN would have handed it
+            nxt = self._pop_many(want)
+            if nxt:
+                self._start_in_flight(nxt, client)
+                client.deliver_many(nxt)
                 if client.in_flight_count >= client.ready_count:
                     return
         self.client_ready_changed(client)

@@ -11,7 +11,7 @@ when the buffer exceeds ``output_buffer_size``, else on the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .protocol import FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, MESSAGE_FRAME_PREFIX, ProtocolError, encode_error, encode_frame
@@ -138,16 +138,24 @@ class ClientV2:
 
     def deliver(self, msg: Message) -> None:
         """Write one message frame (the channel already made it in-flight)."""
+        self.deliver_many((msg,))
+
+    def deliver_many(self, msgs: Sequence[Message]) -> None:
+        """Write message frames (the channel already made them in-flight)."""
         out = self.out
         was_empty = not out
-        body = msg.body
-        n = len(body)
-        # the codec's message frame, written as two parts (no copy of the body)
-        out.append(_pack_message_prefix(30 + n, FRAME_TYPE_MESSAGE, msg.timestamp, msg.attempts, msg.id))
-        out.append(body)
-        self.out_size += 34 + n
-        self.in_flight_count += 1
-        self.message_count += 1
+        size = 0
+        pack = _pack_message_prefix
+        for msg in msgs:
+            body = msg.body
+            n = len(body)
+            # the codec's message frame, written as two parts (no copy of the body)
+            out.append(pack(30 + n, FRAME_TYPE_MESSAGE, msg.timestamp, msg.attempts, msg.id))
+            out.append(body)
+            size += 34 + n
+        self.out_size += size
+        self.in_flight_count += len(msgs)
+        self.message_count += len(msgs)
         if self.in_flight_count >= self.ready_count or self.out_size >= self.output_buffer_size or self.output_buffer_timeout <= 0:
             self.flush_now = True
             self.wakeup()

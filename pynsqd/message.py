@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from array import array
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Union
 
-from .protocol import decode_message, encode_message
+from .guid import block_id, block_ids
+from .protocol import MESSAGE_RECORD_PREFIX, decode_message, encode_message
 
 if TYPE_CHECKING:
     from .client_v2 import ClientV2
@@ -54,3 +57,113 @@ class Message:
 
     def __lt__(self, other: Any) -> bool:  # heap tie-breaks never compare messages, but be total anyway
         return self.id < other.id
+
+
+class MessageBatch:
+    """The messages of one MPUB, kept as the publisher's buffer until each is
+    delivered (or written to disk).
+
+    While it waits a message costs its bytes in that buffer and nothing else:
+    no object, no id (ids are reserved for the whole batch at publish time and
+    formatted on delivery).  A batch is immutable and shared by every channel
+    of the topic; slicing gives a view of some of its messages (``lo``..``hi``
+    of the buffer's), and :meth:`message` makes the :class:`Message` a
+    channel delivers.  Layout: see :func:`protocol.scan_mpub_body`.
+    """
+
+    __slots__ = ("buf", "size", "starts", "timestamp", "id_base", "id_first", "lo", "hi")
+
+    def __init__(
+        self, buf: bytes, count: int, size: int, starts: array[int] | None, timestamp: int, ids: tuple[int, int],
+        lo: int = 0, hi: int | None = None,
+    ) -> None:
+        self.buf = buf
+        self.size = size
+        self.starts = starts
+        self.timestamp = timestamp
+        self.id_base, self.id_first = ids
+        self.lo = lo
+        self.hi = count if hi is None else hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, part: slice) -> MessageBatch:
+        lo, hi, _ = part.indices(self.hi - self.lo)
+        view = MessageBatch.__new__(MessageBatch)
+        view.buf, view.size, view.starts, view.timestamp = self.buf, self.size, self.starts, self.timestamp
+        view.id_base, view.id_first = self.id_base, self.id_first
+        view.lo = self.lo + lo
+        view.hi = self.lo + max(lo, hi)
+        return view
+
+    def message(self, i: int) -> Message:
+        """Message ``i`` of the buffer (``lo <= i < hi``), made for delivery."""
+        size = self.size
+        if size:
+            start = 8 + i * (4 + size)
+            body = self.buf[start : start + size]
+        else:
+            starts = self.starts
+            body = self.buf[starts[i] : starts[i + 1] - 4]  # type: ignore[index]
+        return Message(block_id(self.id_base, self.id_first, i), body, self.timestamp, 0, 0.0)
+
+    def messages(self, lo: int, hi: int) -> list[Message]:
+        """Messages ``lo``..``hi`` of the buffer, made for delivery."""
+        ts = self.timestamp
+        return [Message(i, b, ts, 0, 0.0) for i, b in zip(block_ids(self.id_base, self.id_first, lo, hi), self._bodies(lo, hi))]
+
+    def _bodies(self, lo: int, hi: int) -> list[bytes]:
+        buf, size = self.buf, self.size
+        if size:
+            stride = 4 + size
+            return [buf[p : p + size] for p in range(8 + lo * stride, 8 + hi * stride, stride)]
+        starts = self.starts
+        return [buf[starts[i] : starts[i + 1] - 4] for i in range(lo, hi)]  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages(self.lo, self.hi))
+
+    def body_bytes(self) -> int:
+        size = self.size
+        if size:
+            return size * (self.hi - self.lo)
+        starts = self.starts
+        return starts[self.hi] - starts[self.lo] - 4 * (self.hi - self.lo)  # type: ignore[index]
+
+    def encode(self) -> list[bytes]:
+        """The go-diskqueue record payloads, as :meth:`Message.encode` makes them."""
+        prefix = MESSAGE_RECORD_PREFIX.pack(self.timestamp, 0)
+        lo, hi = self.lo, self.hi
+        return [prefix + i + b for i, b in zip(block_ids(self.id_base, self.id_first, lo, hi), self._bodies(lo, hi))]
+
+    def __repr__(self) -> str:
+        return f"MessageBatch({len(self)} messages)"
+
+
+# what topics and channels pass around: a list of messages, or one MPUB's
+Messages = Union[list[Message], MessageBatch]
+
+
+def encode_messages(msgs: Messages) -> list[bytes]:
+    """Disk records of ``msgs``."""
+    if type(msgs) is MessageBatch:
+        return msgs.encode()
+    return [m.encode() for m in msgs]
+
+
+def any_deferred(msgs: Messages) -> bool:
+    return type(msgs) is not MessageBatch and any(m.deferred for m in msgs)
+
+
+def body_bytes(msgs: Messages) -> int:
+    if type(msgs) is MessageBatch:
+        return msgs.body_bytes()
+    return sum(len(m.body) for m in msgs)
+
+
+def copy_messages(msgs: Messages) -> Messages:
+    """Another channel's copy: messages change as they are delivered, a batch never does."""
+    if type(msgs) is MessageBatch:
+        return msgs
+    return [m.copy() for m in msgs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -44,6 +45,8 @@ _INT32 = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
 _FRAME_HEADER = struct.Struct(">ii")
 _MSG_HEADER = struct.Struct(">qH")
+# a message's encoding before its id: [int64 timestamp][uint16 attempts]
+MESSAGE_RECORD_PREFIX = _MSG_HEADER
 _MSG_FRAME_PREFIX = struct.Struct(">iiqH16s")
 
 _NAME_RE = re.compile(r"^[.a-zA-Z0-9_-]+(#ephemeral)?$")
@@ -293,11 +296,15 @@ def encode_mpub_body(bodies: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_mpub_body(body: bytes, max_msg_size: int, max_body_size: int) -> list[bytes]:
-    """Split an MPUB body into message bodies, validating all of them first.
+def scan_mpub_body(body: bytes, max_msg_size: int, max_body_size: int) -> tuple[int, int, array[int] | None]:
+    """Validate an MPUB body without splitting it: ``(count, size, starts)``.
 
-    Errors are nsqd's: ``E_BAD_BODY`` for the count, ``E_BAD_MESSAGE`` for any
-    one message.  Nothing is returned unless every message is valid.
+    When every message has the same size (the usual batch) ``size`` is that
+    size and ``starts`` is None: message i's body is ``size`` bytes from
+    ``8 + i * (4 + size)``.  Otherwise ``size`` is 0 and message i's body runs
+    from ``starts[i]`` to ``starts[i + 1] - 4`` (``starts`` has count + 1
+    entries).  Errors are nsqd's: ``E_BAD_BODY`` for the count,
+    ``E_BAD_MESSAGE`` for the first bad message.
     """
     n = len(body)
     if n < 4:
@@ -307,27 +314,62 @@ def decode_mpub_body(body: bytes, max_msg_size: int, max_body_size: int) -> list
     max_messages = (max_body_size - 4) // 5
     if count <= 0 or count > max_messages:
         raise ProtocolError("E_BAD_BODY", f"MPUB invalid message count {count}")
-    out = []
+    if n >= 8:
+        # one size for all: the length prefixes sit every 4 + size bytes, so
+        # each of their 4 bytes, taken with one strided slice, repeats
+        size = body[4:8]
+        (first,) = _INT32.unpack(size)
+        stride = 4 + first
+        if 0 < first <= max_msg_size and n == 4 + count * stride and all(
+            body[4 + k :: stride] == size[k : k + 1] * count for k in range(4)
+        ):
+            return count, first, None
+    starts = array("q")
     pos = 4
     unpack = _INT32.unpack_from
     for i in range(count):
         if pos + 4 > n:
             raise ProtocolError("E_BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
-        (size,) = unpack(body, pos)
+        (size_i,) = unpack(body, pos)
         pos += 4
-        if size <= 0:
-            raise ProtocolError("E_BAD_MESSAGE", f"MPUB invalid message({i}) body size {size}")
-        if size > max_msg_size:
-            raise ProtocolError("E_BAD_MESSAGE", f"MPUB message too big {size} > {max_msg_size}")
-        end = pos + size
-        if end > n:
+        if size_i <= 0:
+            raise ProtocolError("E_BAD_MESSAGE", f"MPUB invalid message({i}) body size {size_i}")
+        if size_i > max_msg_size:
+            raise ProtocolError("E_BAD_MESSAGE", f"MPUB message too big {size_i} > {max_msg_size}")
+        if pos + size_i > n:
             raise ProtocolError("E_BAD_MESSAGE", "MPUB failed to read message body")
-        out.append(body[pos:end])
-        pos = end
+        starts.append(pos)
+        pos += size_i
     if pos != n:
         raise ProtocolError("E_BAD_BODY", f"MPUB body has {n - pos} bytes beyond its {count} messages")
-    return out
+    starts.append(n + 4)
+    return count, 0, starts
 
+
+def decode_mpub_body(body: bytes, max_msg_size: int, max_body_size: int) -> list[bytes]:
+    """Split an MPUB body into message bodies, validating all of them first
+    (see :func:`scan_mpub_body`)."""
+    count, size, starts = scan_mpub_body(body, max_msg_size, max_body_size)
+    if starts is None:
+        return [body[p : p + size] for p in range(8, 8 + count * (4 + size), 4 + size)]
+    return [body[starts[i] : starts[i + 1] - 4] for i in range(count)]
+
+
+class LineRun:
+    """Command lines of one fixed shape, ``NAME param\n`` with a parameter of
+    exactly ``length`` bytes (no space, no CR): what :meth:`CommandParser.take_run`
+    takes a buffer at a time for the per-message commands (``FIN <id>``)."""
+
+    __slots__ = ("pattern", "param_start", "param_length", "line_length")
+
+    def __init__(self, name: bytes, length: int) -> None:
+        self.pattern = re.compile(b"(?:%s [^ \r\n]{%d}\n)+" % (re.escape(name), length))
+        self.param_start = len(name) + 1
+        self.param_length = length
+        self.line_length = len(name) + 1 + length + 1
+
+
+FIN_RUN = LineRun(b"FIN", MSG_ID_LENGTH)
 
 HeaderHook = Callable[[bytes, list[bytes]], None]
 BodySizeHook = Callable[[bytes, list[bytes], int], None]
@@ -418,6 +460,22 @@ class CommandParser:
         self._pending = None
         self._size = -1
         return Command(name, params, body)
+
+    def take_run(self, run: LineRun) -> list[bytes]:
+        """The parameters of the complete ``run``-shaped lines at the head of
+        the input, consumed (``[]`` if the next line is not one): the same
+        commands ``next_command`` would return, without a Command each."""
+        acc = self._acc
+        if acc.waiting or self._pending is not None:
+            return []
+        buf = acc._buf
+        start = acc._pos
+        m = run.pattern.match(buf, start)
+        if m is None:
+            return []
+        end = acc._pos = m.end()
+        n = run.param_length
+        return [buf[i : i + n] for i in range(start + run.param_start, end, run.line_length)]
 
     def commands(self, data: bytes = b"") -> list[Command]:
         """Feed ``data`` and return every complete command (raises on bad input)."""

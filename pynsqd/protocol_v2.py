@@ -24,13 +24,14 @@ from .channel import ChannelError, ChannelExiting, TooManyConsumers
 from .client_v2 import STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, ClientV2
 from .protocol import (
     CLOSE_WAIT,
+    FIN_RUN,
     MSG_ID_LENGTH,
     NSQD_BODY_COMMANDS,
     OK,
     Command,
     CommandParser,
     ProtocolError,
-    decode_mpub_body,
+    scan_mpub_body,
     is_valid_channel_name,
     is_valid_topic_name,
     parse_base10,
@@ -38,7 +39,7 @@ from .protocol import (
 from .topic import Topic, TopicExiting
 
 if TYPE_CHECKING:
-    from .message import Message
+    from .message import Messages
     from .nsqd import NSQD
 
 
@@ -159,14 +160,21 @@ class ProtocolV2:
 
     def process(self) -> Action | None:
         client = self.client
+        parser = self.parser
         while True:
             if client.closing_connection or self._failed:
                 return CLOSE
             if self._retry is not None:
                 cmd, self._retry = self._retry, None
             else:
+                if client.state == STATE_SUBSCRIBED and not self._tls_required:
+                    # a consumer's input is mostly FINs: a buffer of them at a time
+                    ids = parser.take_run(FIN_RUN)
+                    if ids:
+                        self._fin_run(ids)
+                        continue
                 try:
-                    cmd = self.parser.next_command()
+                    cmd = parser.next_command()
                 except ProtocolError as err:
                     return self._fail(err)
                 if cmd is None:
@@ -497,6 +505,22 @@ class ProtocolV2:
             raise ProtocolError("E_FIN_FAILED", f"FIN {_text(msg_id)} failed {exc}", fatal=False) from None
         return None
 
+    def _fin_run(self, ids: list[bytes]) -> None:
+        """``FIN <id>`` for each of ``ids``, as the FIN command would."""
+        client = self.client
+        channel = client.channel
+        assert channel is not None
+        start = 0
+        while start < len(ids):
+            start = channel.finish_many(client, ids, start)
+            if start < len(ids):
+                # it stopped at an id this client cannot finish: FIN says why
+                try:
+                    self.FIN(Command(b"FIN", [ids[start]]))
+                except ProtocolError as err:
+                    client.send_error(err)
+                start += 1
+
     def REQ(self, cmd: Command) -> None:
         msg_id = self._message_id("REQ", cmd.params, 2)
         raw = cmd.params[1]
@@ -534,7 +558,7 @@ class ProtocolV2:
     def NOP(self, cmd: Command) -> None:
         return None
 
-    def _publish(self, cmd: Command, code: str, make: Callable[[Topic], list[Message]]) -> Action | None:
+    def _publish(self, cmd: Command, code: str, make: Callable[[Topic], Messages]) -> Action | None:
         """PUB, MPUB and DPUB once their input is valid: auth, queue, reply."""
         name = _text(cmd.name)
         topic_name = _text(cmd.params[0])
@@ -561,9 +585,11 @@ class ProtocolV2:
         return self._publish(cmd, "E_PUB_FAILED", lambda topic: [topic.new_message(body)])
 
     def MPUB(self, cmd: Command) -> Action | None:
-        # every message is validated before any is queued
-        bodies = decode_mpub_body(cmd.body or b"", self.opts.max_msg_size, self.opts.max_body_size)
-        return self._publish(cmd, "E_MPUB_FAILED", lambda topic: topic.new_messages(bodies))
+        # every message is validated before any is queued; they stay in the
+        # body until delivered
+        body = cmd.body or b""
+        count, size, starts = scan_mpub_body(body, self.opts.max_msg_size, self.opts.max_body_size)
+        return self._publish(cmd, "E_MPUB_FAILED", lambda topic: topic.new_batch(body, count, size, starts))
 
     def DPUB(self, cmd: Command) -> Action | None:
         delay = self._dpub_delay(cmd.params[1])

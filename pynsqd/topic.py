@@ -18,7 +18,7 @@ not copied again after it.
 from __future__ import annotations
 
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,8 @@ from .backend_queue import BackendError, BackendQueue
 from .channel import Channel
 from .guid import GuidFactory
 from .log import get_logger
-from .message import Message
+from .memory_queue import MemoryQueue
+from .message import Message, MessageBatch, Messages, any_deferred, body_bytes, copy_messages, encode_messages
 from .protocol import is_ephemeral
 
 if TYPE_CHECKING:
@@ -66,7 +67,9 @@ class Topic:
         self._on_empty_ephemeral = on_empty_ephemeral
 
         self.channels: dict[str, Channel] = {}
-        self.memory: deque[Message] = deque()
+        self.memory = MemoryQueue()
+        # drain() alternates between the backend and memory so neither starves
+        self._drain_backend_turn = False
         self.paused = False
         # while held (e.g. asking lookupd for the topic's channels) messages are
         # kept in the topic instead of going to the channels that exist so far
@@ -77,7 +80,7 @@ class Topic:
         self.drained_tokens: list[int] = []
         # a batch some channels could not take yet: [(channel, its copy)], the
         # batch's topic positions (durable mode) and its mark
-        self._stall: list[tuple[Channel, list[Message]]] = []
+        self._stall: list[tuple[Channel, Messages]] = []
         self._stall_positions: list[int] | None = None
         # id -> publish-time delay (s) of deferred messages stored on disk
         self.pending_deferrals: dict[bytes, float] = {}
@@ -97,6 +100,10 @@ class Topic:
         ts = time.time_ns()
         return [Message(i, b, ts) for i, b in zip(self.guid.new_ids(len(bodies)), bodies)]
 
+    def new_batch(self, body: bytes, count: int, size: int, starts: array[int] | None) -> MessageBatch:
+        """The messages of an MPUB body that :func:`protocol.scan_mpub_body` checked."""
+        return MessageBatch(body, count, size, starts, time.time_ns(), self.guid.reserve(count))
+
     # ------------------------------------------------------------ publishing
 
     def depth(self) -> int:
@@ -112,7 +119,7 @@ class Topic:
     def can_deliver(self) -> bool:
         return bool(self.channels) and not self.paused and not self.holds
 
-    def put_messages(self, msgs: list[Message]) -> None:
+    def put_messages(self, msgs: Messages) -> None:
         """Accept published messages; raises TopicExiting or BackendError
         (in which case nothing was accepted)."""
         if self.exiting:
@@ -124,31 +131,33 @@ class Topic:
             if self.can_deliver() and self._on_backlog is not None:
                 self._on_backlog(self)
         self.message_count += len(msgs)
-        self.message_bytes += sum(len(m.body) for m in msgs)
+        self.message_bytes += body_bytes(msgs)
 
-    def _store(self, msgs: list[Message]) -> None:
+    def _store(self, msgs: Messages) -> None:
         mem = self.memory
         room = self.mem_queue_size - len(mem)
         if room >= len(msgs):
-            mem.extend(msgs)
+            mem.put(msgs)
             return
         spill = msgs[room:] if room > 0 else msgs
         # the backend write is the one step that can fail: do it first so a
         # failure leaves nothing half-accepted
-        if self.durable and any(m.deferred for m in spill):
+        deferred = any_deferred(spill)
+        if self.durable and deferred:
             # the record format has no room for the delay: the queue's journal keeps it
             notes = [int(m.deferred * 1e9) for m in spill]
-            self.backend.put_many([m.encode() for m in spill], notes=notes)  # type: ignore[call-arg]
+            self.backend.put_many(encode_messages(spill), notes=notes)  # type: ignore[call-arg]
         else:
-            self.backend.put_many([m.encode() for m in spill])
-            for m in spill:
-                if m.deferred:
-                    # the record format has no room for it: remember it beside
-                    self.pending_deferrals[m.id] = m.deferred
+            self.backend.put_many(encode_messages(spill))
+            if deferred:
+                for m in spill:
+                    if m.deferred:
+                        # the record format has no room for it: remember it beside
+                        self.pending_deferrals[m.id] = m.deferred
         if room > 0:
-            mem.extend(msgs[:room])
+            mem.put(msgs[:room])
 
-    def _fan_out(self, msgs: list[Message], positions: list[int] | None = None) -> None:
+    def _fan_out(self, msgs: Messages, positions: list[int] | None = None) -> None:
         """Give every channel its copy.  If a channel's disk is full the publish
         still stands (the topic keeps the batch for the channels that did not
         take it, see drain()) in default mode; in durable mode an OK means on
@@ -156,7 +165,7 @@ class Topic:
         backlog (``positions`` given), which stays in the topic's own queue."""
         channels = [c for c in self.channels.values() if not c.exiting]
         # copy before the first channel can deliver (and so change) the originals
-        batches = [msgs] + [[m.copy() for m in msgs] for _ in channels[1:]]
+        batches = [msgs] + [copy_messages(msgs) for _ in channels[1:]]
         try:
             self._deliver(list(zip(channels, batches)), positions)
         except BackendError:
@@ -166,7 +175,7 @@ class Topic:
             if self._on_backlog is not None:
                 self._on_backlog(self)  # the drain task retries
 
-    def _deliver(self, pending: list[tuple[Channel, list[Message]]], positions: list[int] | None) -> None:
+    def _deliver(self, pending: list[tuple[Channel, Messages]], positions: list[int] | None) -> None:
         """Put each channel's batch; on BackendError the batches not taken
         stay as the stall (and the error is raised)."""
         mark = positions[-1] if positions else None
@@ -177,7 +186,7 @@ class Topic:
                 copied = getattr(channel.backend, "mark", -1)
                 if copied >= positions[0]:
                     # copied before a crash: only what is newer than its mark
-                    batch = [m for m, p in zip(batch, positions) if p > copied]
+                    batch = [m for m, p in zip(batch, positions) if p > copied]  # type: ignore[arg-type]
             try:
                 if batch:
                     channel.put_messages(batch, mark)
@@ -196,47 +205,56 @@ class Topic:
             return False
         if self._stall:
             self._deliver(self._stall, self._stall_positions)
-        batch: list[Message] = []
-        # durable mode: the topic position of each message, for the channels' marks
-        positions: list[int] | None = [] if self.durable else None
-        mem = self.memory
-        backend = self.backend
-        from_backend = False
-        while len(batch) < limit:
-            # alternate memory and backend so that neither starves
-            from_backend = not from_backend
-            if backend.depth() > 0 and (from_backend or not mem):
-                note = 0
-                if self.durable:
-                    item = backend.get_tracked()  # type: ignore[attr-defined]
-                    if item is None:
-                        break
-                    data, token, note = item
-                    self.drained_tokens.append(token)
-                else:
-                    data = backend.get()
-                    if data is None:
-                        break
-                try:
-                    msg = Message.decode(data)
-                except ValueError:
-                    log.error("failed to decode message from backend", topic=self.name)
-                    continue
-                if note:
-                    msg.deferred = note / 1e9
-                elif self.pending_deferrals:
-                    msg.deferred = self.pending_deferrals.pop(msg.id, 0.0)
-                if positions is not None:
-                    positions.append(token)
-                batch.append(msg)
-            elif mem:
-                batch.append(mem.popleft())
-                positions = None  # not from the backend: no marks (durable topics keep no memory)
+        moved = 0
+        while moved < limit and not self._stall and self.can_deliver():
+            # from one side, then the other's turn
+            self._drain_backend_turn = not self._drain_backend_turn
+            if self.backend.depth() > 0 and (self._drain_backend_turn or not self.memory):
+                msgs, positions = self._read_backend(limit - moved)
+                if not msgs:
+                    break
+                self._fan_out(msgs, positions)
+            elif self.memory:
+                # a batch or the single messages at the head (durable topics
+                # keep no memory: no positions, no marks)
+                msgs = self.memory.take(limit - moved)
+                self._fan_out(msgs)
             else:
                 break
-        if batch:
-            self._fan_out(batch, positions if positions else None)
+            moved += len(msgs)
         return self.has_backlog()
+
+    def _read_backend(self, limit: int) -> tuple[list[Message], list[int] | None]:
+        """Up to ``limit`` messages from the backend; in durable mode also the
+        topic position of each (for the channels' marks)."""
+        batch: list[Message] = []
+        positions: list[int] | None = [] if self.durable else None
+        backend = self.backend
+        while len(batch) < limit and backend.depth() > 0:
+            note = 0
+            if self.durable:
+                item = backend.get_tracked()  # type: ignore[attr-defined]
+                if item is None:
+                    break
+                data, token, note = item
+                self.drained_tokens.append(token)
+            else:
+                data = backend.get()
+                if data is None:
+                    break
+            try:
+                msg = Message.decode(data)
+            except ValueError:
+                log.error("failed to decode message from backend", topic=self.name)
+                continue
+            if note:
+                msg.deferred = note / 1e9
+            elif self.pending_deferrals:
+                msg.deferred = self.pending_deferrals.pop(msg.id, 0.0)
+            if positions is not None:
+                positions.append(token)
+            batch.append(msg)
+        return batch, (positions or None)
 
     @property
     def stalled(self) -> bool:
@@ -330,13 +348,15 @@ class Topic:
             # (synced) already, so the records are theirs; a Go nsqd taking the
             # data dir over would copy them again otherwise
             self.ack_drained()
-        if self.memory:
-            msgs = list(self.memory)
-            self.memory.clear()
-            self.backend.put_many([m.encode() for m in msgs])
-            for m in msgs:
-                if m.deferred:
-                    self.pending_deferrals[m.id] = m.deferred
+        records: list[bytes] = []
+        for msgs in self.memory.take_all():
+            records += encode_messages(msgs)
+            if any_deferred(msgs):
+                for m in msgs:
+                    if m.deferred:
+                        self.pending_deferrals[m.id] = m.deferred
+        if records:
+            self.backend.put_many(records)
         return dict(self.pending_deferrals)
 
     def delete(self) -> None:
