@@ -92,6 +92,13 @@ class HTTPAPI:
             self.nsqd.note_put_success()
         return respond("OK")
 
+    async def _persisted(self) -> Response:
+        """An admin change is answered once nsqd.dat has it (written off the
+        event loop, with the next group commit)."""
+        if self.nsqd.sync_pending():
+            await self.nsqd.sync_barrier()
+        return respond(None)
+
     # ------------------------------------------------------------ endpoints
 
     async def ping(self, req: Request) -> Response:
@@ -183,7 +190,7 @@ class HTTPAPI:
 
     async def topic_create(self, req: Request) -> Response:
         self.nsqd.get_topic(self._topic_name(req))
-        return respond(None)
+        return await self._persisted()
 
     async def topic_delete(self, req: Request) -> Response:
         name = req.arg("topic")
@@ -191,7 +198,7 @@ class HTTPAPI:
             raise HTTPError(400, "MISSING_ARG_TOPIC")
         if not self.nsqd.delete_existing_topic(name):
             raise HTTPError(404, "TOPIC_NOT_FOUND")
-        return respond(None)
+        return await self._persisted()
 
     async def topic_empty(self, req: Request) -> Response:
         topic = self.nsqd.get_existing_topic(self._topic_name(req))
@@ -212,18 +219,18 @@ class HTTPAPI:
         else:
             topic.pause()
         self.nsqd.metadata_changed()
-        return respond(None)
+        return await self._persisted()
 
     async def channel_create(self, req: Request) -> Response:
         topic, channel_name = self._existing_topic_and_channel(req)
         topic.get_channel(channel_name)
-        return respond(None)
+        return await self._persisted()
 
     async def channel_delete(self, req: Request) -> Response:
         topic, channel_name = self._existing_topic_and_channel(req)
         if not topic.delete_existing_channel(channel_name):
             raise HTTPError(404, "CHANNEL_NOT_FOUND")
-        return respond(None)
+        return await self._persisted()
 
     async def channel_empty(self, req: Request) -> Response:
         topic, channel_name = self._existing_topic_and_channel(req)
@@ -243,7 +250,7 @@ class HTTPAPI:
         else:
             channel.pause()
         self.nsqd.metadata_changed()
-        return respond(None)
+        return await self._persisted()
 
     async def config(self, req: Request) -> Response:
         name = req.path.rsplit("/", 1)[1]

@@ -159,7 +159,7 @@ def any_deferred(msgs: Messages) -> bool:
 def body_bytes(msgs: Messages) -> int:
     if type(msgs) is MessageBatch:
         return msgs.body_bytes()
-    return sum(len(m.body) for m in msgs)
+    return sum([len(m.body) for m in msgs])
 
 
 def copy_messages(msgs: Messages) -> Messages:

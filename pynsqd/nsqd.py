@@ -101,6 +101,8 @@ class NSQD:
         self.auth: Auth | None = Auth(options, self.log) if options.auth_http_addresses else None
         self.exiting = False
         self._sync_due: set[BackendQueue] = set()
+        # nsqd.dat is behind the topics and channels: written with the next sync round
+        self._metadata_due = False
         self._rounds_started = 0
         self._rounds_done = 0
         self._round_finished = trio.Event()
@@ -163,7 +165,7 @@ class NSQD:
 
     def sync_pending(self) -> bool:
         """A sync is due or running: replies must wait for :meth:`sync_barrier`."""
-        return bool(self._sync_due) or self._rounds_started != self._rounds_done
+        return bool(self._sync_due) or self._metadata_due or self._rounds_started != self._rounds_done
 
     async def sync_barrier(self) -> None:
         """Return once everything written before the call that --sync-every
@@ -188,6 +190,9 @@ class NSQD:
         try:
             due, self._sync_due = self._sync_due, set()
             jobs = [b.prepare_sync() if hasattr(b, "prepare_sync") else b.sync for b in due]
+            if self._metadata_due:
+                self._metadata_due = False
+                jobs.append(self._metadata_job())
             if jobs:
                 errors = await trio.to_thread.run_sync(_run_sync_jobs, jobs)
                 for err in errors:
@@ -263,10 +268,32 @@ class NSQD:
         _write_atomically(os.path.join(self.data_path, METADATA_FILE), json.dumps(self.metadata()).encode())
 
     def metadata_changed(self) -> None:
+        """A topic or channel was created, deleted, paused or unpaused.  While
+        the daemon runs nsqd.dat is written with the next sync round, in a
+        worker thread (its two fsyncs on the event loop would stall every
+        connection): replies and admin answers wait for that round as they
+        wait for their messages' syncs.  Otherwise (loading, shutdown) at once."""
+        if self._nursery is not None:
+            self._metadata_due = True
+            return
         try:
             self.persist_metadata()
         except OSError as exc:
             self.log.error("failed to persist metadata", error=str(exc))
+
+    def _metadata_job(self) -> Callable[[], None]:
+        """The snapshot taken now, written (tmp + fsync + rename) by a sync round's worker thread."""
+        path = os.path.join(self.data_path, METADATA_FILE)
+        data = json.dumps(self.metadata()).encode()
+        log = self.log
+
+        def write() -> None:
+            try:
+                _write_atomically(path, data)
+            except OSError as exc:
+                log.error("failed to persist metadata", error=str(exc))
+
+        return write
 
     def load_metadata(self) -> None:
         path = os.path.join(self.data_path, METADATA_FILE)

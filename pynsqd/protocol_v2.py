@@ -109,6 +109,9 @@ class Reauthorize(Action):
 
 CLOSE = Close()
 
+# a publisher's checked topic names are kept up to this many
+_TOPIC_NAMES_KEPT = 64
+
 _IDENTIFY_TYPES: dict[str, type | tuple[type, ...]] = {
     "client_id": str,
     "hostname": str,
@@ -152,6 +155,8 @@ class ProtocolV2:
         self._retry: Command | None = None
         self._tls_required = nsqd.tls_required_for_tcp
         self._failed = False
+        # the topic names this publisher used lately, checked (raw -> name)
+        self._topic_names: dict[bytes, str] = {}
 
     # ------------------------------------------------------------ driving
 
@@ -256,9 +261,15 @@ class ProtocolV2:
                 raise ProtocolError("E_BAD_BODY", f"{cmd} body too big {size} > {opts.max_body_size}")
 
     def _check_topic(self, name: bytes, raw: bytes) -> str:
+        topic = self._topic_names.get(raw)
+        if topic is not None:
+            return topic
         topic = _text(raw)
         if not is_valid_topic_name(topic):
             raise ProtocolError("E_BAD_TOPIC", f"{_text(name)} topic name {go_quote(topic)} is not valid")
+        if len(self._topic_names) >= _TOPIC_NAMES_KEPT:
+            self._topic_names.clear()
+        self._topic_names[raw] = topic
         return topic
 
     def _dpub_delay(self, raw: bytes) -> float:
@@ -560,19 +571,19 @@ class ProtocolV2:
 
     def _publish(self, cmd: Command, code: str, make: Callable[[Topic], Messages]) -> Action | None:
         """PUB, MPUB and DPUB once their input is valid: auth, queue, reply."""
-        name = _text(cmd.name)
-        topic_name = _text(cmd.params[0])
-        action = self._check_auth(name, topic_name, "")
-        if action is not None:
-            return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
+        topic_name = self._check_topic(cmd.name, cmd.params[0])
         nsqd = self.nsqd
+        if nsqd.auth is not None:
+            action = self._check_auth(_text(cmd.name), topic_name, "")
+            if action is not None:
+                return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
         topic = nsqd.get_topic(topic_name)
         msgs = make(topic)
         try:
             topic.put_messages(msgs)
         except (BackendError, TopicExiting) as exc:
             nsqd.note_put_failure(exc)
-            raise ProtocolError(code, f"{name} failed {exc}") from None
+            raise ProtocolError(code, f"{_text(cmd.name)} failed {exc}") from None
         if not nsqd.is_healthy():
             nsqd.note_put_success()
         counts = self.client.pub_counts

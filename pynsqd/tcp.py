@@ -42,8 +42,8 @@ LINGER_TIMEOUT = 1.0
 LINGER_POLL = 0.005
 # SIOCOUTQ: bytes sent but not yet acknowledged (our FIN counts as one)
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
-# the reader writes replies itself with a non-blocking write(2)
-_INLINE_WRITE = os.name == "posix"
+# on plain TCP the reader does its own non-blocking read(2) and write(2)
+_INLINE_IO = os.name == "posix"
 
 
 class LingeringSocketStream(trio.abc.HalfCloseableStream):
@@ -101,6 +101,18 @@ async def _linger(sock: trio.socket.SocketType) -> None:
             await trio.lowlevel.wait_readable(sock)
 
 
+def _read(fd: int) -> bytes | None:
+    """A non-blocking read(2): None when nothing has arrived."""
+    try:
+        return os.read(fd, RECEIVE_SIZE)
+    except BlockingIOError:
+        return None
+    except ConnectionError:
+        raise
+    except OSError as exc:
+        raise trio.BrokenResourceError(str(exc)) from exc
+
+
 def _discard_input(fd: int) -> bool:
     """Read what has arrived; False once the peer closed (or reset)."""
     try:
@@ -143,6 +155,12 @@ class ConnectionV2:
         self._processing = False
         self.client.wakeup = self._wake
         self._heartbeat_scope: trio.CancelScope | None = None
+        # nsqd's read deadline, kept by the heartbeat task: while the reader
+        # waits for the client (since when), and the scope it waits in
+        self._reading_since: float | None = None
+        self._read_scope = trio.CancelScope()
+        # the reader yielded in its last wait: the next read need not yield again
+        self._waited = False
         # one sender at a time: the writer task, or the reader while it
         # upgrades the stream (TLS/snappy/deflate) after IDENTIFY
         self._send_lock = trio.Lock()
@@ -174,18 +192,15 @@ class ConnectionV2:
             if initial:
                 proto.receive_data(initial)
                 await self._process()
-            while not client.closing_connection:
-                interval = client.heartbeat_interval
-                with trio.move_on_after(2 * interval if interval > 0 else INF) as read_scope:
-                    # self.stream: IDENTIFY may have upgraded it
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                if read_scope.cancelled_caught:
-                    self.log.warning("TCP: client missed heartbeats, closing", timeout=2 * interval)
-                    break
-                if not data:
-                    break
-                proto.receive_data(data)
-                await self._process()
+            with self._read_scope:  # cancelled by the heartbeat task past the read deadline
+                while not client.closing_connection:
+                    data = await self._receive()
+                    if not data:
+                        break
+                    proto.receive_data(data)
+                    await self._process()
+            if self._read_scope.cancelled_caught:
+                self.log.warning("TCP: client missed heartbeats, closing", timeout=2 * client.heartbeat_interval)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
         except trio.TooSlowError:
@@ -195,6 +210,34 @@ class ConnectionV2:
             client.closing_connection = True
             client.flush_now = True
             client.wakeup()
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client (b"" at EOF)."""
+        stream = self.stream  # IDENTIFY may have upgraded it
+        plain = _INLINE_IO and type(stream) is LingeringSocketStream
+        if plain:
+            # plain TCP: read(2) straight away, and wait only when nothing is
+            # there (one trio socket layer less per request/response round trip)
+            data = _read(stream.socket.fileno())
+            if data is not None:
+                if not self._waited:
+                    # a client that always has more must not starve the others
+                    await trio.lowlevel.checkpoint()
+                self._waited = False
+                return data
+        self._reading_since = trio.current_time()
+        try:
+            if not plain:
+                return await stream.receive_some(RECEIVE_SIZE)
+            sock = stream.socket
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                self._waited = True
+                data = _read(sock.fileno())
+                if data is not None:
+                    return data
+        finally:
+            self._reading_since = None
 
     async def _process(self) -> None:
         proto = self.proto
@@ -237,7 +280,7 @@ class ConnectionV2:
         reader stuck on a full socket would leave the client's commands
         unread).  False: the writer task must send (what is left)."""
         stream = self.stream
-        if not _INLINE_WRITE or type(stream) is not LingeringSocketStream or self._send_lock.locked():
+        if not _INLINE_IO or type(stream) is not LingeringSocketStream or self._send_lock.locked():
             return False
         client = self.client
         data = client.take_output()
@@ -353,16 +396,38 @@ class ConnectionV2:
     # ------------------------------------------------------------ heartbeats
 
     async def _heartbeats(self) -> None:
+        """nsqd's heartbeat ticker, and its read deadline: a client that sends
+        nothing for twice the interval while the reader waits is dropped (kept
+        here rather than as a cancel scope per read, which costs as much as
+        the rest of a PUB round trip)."""
         client = self.client
         while True:
             interval = client.heartbeat_interval
             self._heartbeat_interval = interval
-            with trio.CancelScope(deadline=trio.current_time() + interval if interval > 0 else INF) as scope:
-                self._heartbeat_scope = scope
-                await trio.sleep_forever()
-            self._heartbeat_scope = None
-            if client.heartbeat_interval > 0 and client.heartbeat_interval == interval:
-                client.send_heartbeat()
+            if interval <= 0:  # no heartbeats, no read deadline
+                with trio.CancelScope() as scope:
+                    self._heartbeat_scope = scope
+                    await trio.sleep_forever()
+                self._heartbeat_scope = None
+                continue
+            beat = trio.current_time() + interval
+            while True:
+                since = self._reading_since
+                read_deadline = INF if since is None else since + 2 * interval
+                with trio.CancelScope(deadline=min(beat, read_deadline)) as scope:
+                    self._heartbeat_scope = scope
+                    await trio.sleep_forever()
+                self._heartbeat_scope = None
+                if client.heartbeat_interval != interval:
+                    break  # IDENTIFY changed it: start over with the new one
+                now = trio.current_time()
+                since = self._reading_since
+                if since is not None and now >= since + 2 * interval:
+                    self._reading_since = None
+                    self._read_scope.cancel()
+                if now >= beat:
+                    client.send_heartbeat()
+                    break
 
     def _reset_heartbeat(self) -> None:
         # IDENTIFY changed the interval: restart the ticker with it
