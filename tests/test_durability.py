@@ -367,3 +367,39 @@ def test_wrong_but_readable_metadata_loses_no_message(tmp_path, damage):
         assert not any(".bad" in p.name for p in tmp_path.iterdir())  # the depth counted them all: all served
     finally:
         d.stop()
+
+
+async def test_nsqd_dat_is_written_off_the_event_loop_before_the_answer(tmp_path, monkeypatch):
+    """Creating, pausing or deleting writes nsqd.dat (tmp + 2 fsyncs) in a
+    sync round's worker thread, never on the event loop, and what waits for
+    the round (a reply, an admin answer) finds it on disk."""
+    import trio
+
+    from pynsqd import nsqd as nsqd_module
+    from pynsqd.nsqd import NSQD
+    from pynsqd.options import Options
+
+    writers: list[threading.Thread] = []
+    real = nsqd_module._write_atomically
+
+    def spy(path: str, data: bytes) -> None:
+        writers.append(threading.current_thread())
+        real(path, data)
+
+    monkeypatch.setattr(nsqd_module, "_write_atomically", spy)
+    nsqd = NSQD(Options(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0", data_path=str(tmp_path), lookupd_tcp_addresses=[]))
+    meta = tmp_path / "nsqd.dat"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(nsqd.run)
+        nsqd.get_topic("t").get_channel("c").pause()
+        nsqd.metadata_changed()
+        assert nsqd.sync_pending() and not meta.exists()
+        await nsqd.sync_barrier()
+        assert json.loads(meta.read_text())["topics"] == [{"name": "t", "paused": False, "channels": [{"name": "c", "paused": True}]}]
+        nsqd.delete_existing_topic("t")
+        await nsqd.sync_barrier()
+        assert json.loads(meta.read_text())["topics"] == []
+        assert writers and threading.main_thread() not in writers
+        nursery.cancel_scope.cancel()
+    # at shutdown it is written at once (the loop is gone)
+    assert writers[-1] is threading.main_thread()

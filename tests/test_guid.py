@@ -186,3 +186,24 @@ def test_interleaved_ids_unique_and_increasing(node_id, ops):
                     assert fields(ids[before])[0] == now_tick
                     assert fields(ids[before])[2] == 0
     check_ids(ids, node_id)
+
+
+# ---------------------------------------------------------------- blocks (MPUB ids made on delivery)
+
+
+@settings(max_examples=300, deadline=None)
+@given(node=st.integers(0, 1023), ts=st.integers(0, 1 << 40), first=st.integers(0, 4095),
+       lo=st.integers(0, 9000), n=st.integers(0, 9000))
+def test_block_ids_are_block_id_one_by_one(node, ts, first, lo, n):
+    base = (ts << 22) | (node << 12)
+    assert guid.block_ids(base, first, lo, lo + n) == [guid.block_id(base, first, i) for i in range(lo, lo + n)]
+
+
+def test_reserve_gives_the_ids_new_ids_would():
+    with fake_clock() as clock:
+        a, b = GuidFactory(7), GuidFactory(7)
+        for count in (1, 5, 4096, 3, 9000, 1):
+            base, first = a.reserve(count)
+            assert guid.block_ids(base, first, 0, count) == b.new_ids(count)
+            clock.ns += 1 << 19  # half a tick: sometimes the same tick, sometimes the next
+        check_ids([a.new_id(), *guid.block_ids(*a.reserve(10), 0, 10)], 7)

@@ -20,6 +20,7 @@ from pynsqd.protocol import (
     MAX_LINE_LENGTH,
     MSG_HEADER_LENGTH,
     NSQD_BODY_COMMANDS,
+    FIN_RUN,
     Command,
     CommandParser,
     Frame,
@@ -41,6 +42,7 @@ from pynsqd.protocol import (
     is_valid_channel_name,
     is_valid_topic_name,
     parse_base10,
+    scan_mpub_body,
 )
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -601,6 +603,35 @@ def test_mpub_round_trip(bodies):
     assert decode_mpub_body(encoded, max_msg_size=100, max_body_size=len(encoded) + 100) == bodies
 
 
+@FAST
+@given(st.integers(1, 300), st.integers(1, 60), st.binary(min_size=1, max_size=1))
+def test_mpub_of_equal_sizes_takes_the_strided_check(size, count, fill):
+    bodies = [fill * size] * count
+    encoded = encode_mpub_body(bodies)
+    assert scan_mpub_body(encoded, 300, len(encoded))[:2] == (count, size)
+    assert scan_mpub_body(encoded, 300, len(encoded))[2] is None  # no offsets kept
+    assert decode_mpub_body(encoded, 300, len(encoded)) == bodies
+
+
+@FAST
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=20), st.data())
+def test_mpub_nearly_equal_sizes_are_checked_one_by_one(sizes, data):
+    # one size prefix differs (in any of its bytes): same length overall is not enough
+    sizes = [sizes[0]] * len(sizes)
+    i = data.draw(st.integers(1, len(sizes) - 1))
+    bodies = [b"x" * s for s in sizes]
+    encoded = bytearray(encode_mpub_body(bodies))
+    pos = 4 + i * (4 + sizes[0]) + data.draw(st.integers(0, 3))
+    encoded[pos] ^= data.draw(st.integers(1, 255))
+    encoded = bytes(encoded)
+    try:
+        got = decode_mpub_body(encoded, 1 << 20, 1 << 20)
+    except ProtocolError as err:
+        assert err.code in ("E_BAD_MESSAGE", "E_BAD_BODY")
+    else:  # still well formed by chance (sizes swapped around): the split must be right
+        assert encode_mpub_body(got) == encoded and got != bodies
+
+
 def test_mpub_large_message_round_trip():
     bodies = [random.Random(3).randbytes(BIG + 10), b"x"]
     assert decode_mpub_body(encode_mpub_body(bodies), 1 << 20, 5 << 20) == bodies
@@ -755,3 +786,36 @@ def test_parse_base10_accepts_only_ascii_digits(text):
     elif data:
         with pytest.raises(ValueError):
             parse_base10(data)
+
+
+# ---------------------------------------------------------------- FIN runs
+
+
+_RUN_LINES = st.one_of(
+    st.binary(min_size=16, max_size=16).filter(lambda b: b" " not in b and b"\n" not in b).map(lambda i: b"FIN " + i + b"\n"),
+    st.sampled_from([b"FIN 0123456789abcdef\r\n", b"FIN 0123456789abcde\n", b"FIN 0123456789 abcdef\n",
+                     b"FIN 0123456789abcdef0\n", b"NOP\n", b"RDY 10\n", b"FIN\n", b"FINX 0123456789abcdef\n",
+                     b"REQ 0123456789abcdef 0\n", b"PUB t\n\x00\x00\x00\x03abc"]),
+)
+
+
+@FAST
+@given(st.lists(_RUN_LINES, max_size=30), st.data())
+def test_fin_runs_are_the_fin_commands_next_command_would_give(lines, data):
+    stream = b"".join(lines)
+    expected = CommandParser().commands(stream)
+    parser = CommandParser()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    got: list[Command] = []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        parser.receive_data(stream[a:b])
+        while True:
+            ids = parser.take_run(FIN_RUN)
+            if ids:
+                got += [Command(b"FIN", [i]) for i in ids]
+                continue
+            cmd = parser.next_command()
+            if cmd is None:
+                break
+            got.append(cmd)
+    assert got == expected
