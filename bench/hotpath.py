@@ -1,6 +1,6 @@
 """Micro-benchmark of the daemon's hot paths without sockets: the sans-IO
-core driven directly (MPUB parsing + fan-out, and delivery + FIN), in ns per
-message of CPU time.  Deterministic enough to compare one change to the next
+core driven directly (MPUB parsing + fan-out, delivery + FIN, and one PUB
+command at a time), in ns per message of CPU time.  Deterministic enough to compare one change to the next
 on a noisy machine, where the socket benchmarks (nsq_bench.py) swing by 20 %.
 
     python bench/hotpath.py [--messages N]
@@ -75,7 +75,19 @@ async def run(messages: int, size: int, rdy: int) -> dict[str, float]:
             done += len(ids)
         t_con = time.process_time() - t0
         assert done == sent, (done, sent)
-        return {"publish_ns_per_msg": t_pub / sent * 1e9, "consume_ns_per_msg": t_con / sent * 1e9, "messages": sent}
+        # --- PUB one command at a time (a round trip's share of the core), no channel
+        single = nsqd.new_client("127.0.0.1:3")
+        proto = ProtocolV2(nsqd, single)
+        cmd = encode_command(b"PUB", "single", body=body)
+        pubs = messages // 10
+        t0 = time.process_time()
+        for _ in range(pubs):
+            proto.receive_data(cmd)
+            proto.process()
+            single.take_output()
+        t_single = time.process_time() - t0
+        return {"publish_ns_per_msg": t_pub / sent * 1e9, "consume_ns_per_msg": t_con / sent * 1e9,
+                "pub_ns_per_msg": t_single / pubs * 1e9, "messages": sent}
 
 
 def main() -> None:
@@ -88,8 +100,10 @@ def main() -> None:
     results = [trio.run(run, a.messages, a.size, a.rdy) for _ in range(a.repeat)]
     best_pub = min(r["publish_ns_per_msg"] for r in results)
     best_con = min(r["consume_ns_per_msg"] for r in results)
+    best_single = min(r["pub_ns_per_msg"] for r in results)
     print(f"publish (MPUB x200 + fan-out): {best_pub:7.0f} ns/msg  = {1e9 / best_pub:9,.0f} msg/s of one core")
     print(f"consume (deliver + FIN):       {best_con:7.0f} ns/msg  = {1e9 / best_con:9,.0f} msg/s of one core")
+    print(f"PUB, one command at a time:    {best_single:7.0f} ns/msg  = {1e9 / best_single:9,.0f} msg/s of one core")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,7 +309,7 @@ def format_table(rows: list[dict[str, Any]], other_name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--other-nsqd", default=str(DEFAULT_GO_DIR / "nsqd"),
-                   help="the nsqd binary to compare with (default: ../shared/go-nsq-1.3.0/nsqd)")
+                   help="the nsqd (command line) to compare with (default: Go's, from shared/go-nsq-1.3.0)")
     p.add_argument("--bench-tools", default=str(DEFAULT_GO_DIR),
                    help="folder with Go's bench_writer/bench_reader (else nsq_bench's workers)")
     p.add_argument("--pynsqd-cmd", default=f"{shlex.quote(sys.executable)} -m pynsqd")
@@ -329,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown workloads {bad}; choose from {WORKLOADS}", file=sys.stderr)
         return 2
-    other = Path(opts.other_nsqd)
-    if not other.exists():
-        print(f"no nsqd binary at {other}: nothing to compare with (--other-nsqd)", file=sys.stderr)
+    other = shlex.split(opts.other_nsqd)
+    if not other or shutil.which(other[0]) is None:
+        print(f"no nsqd at {opts.other_nsqd}: nothing to compare with (--other-nsqd)", file=sys.stderr)
         return 2
     tools = Path(opts.bench_tools) if opts.bench_tools else None
     load = Load(tools, opts.size, opts.batch, opts.runfor)
-    cmds = {"pynsqd": shlex.split(opts.pynsqd_cmd), "other": [str(other)]}
+    cmds = {"pynsqd": shlex.split(opts.pynsqd_cmd), "other": other}
     report: dict[str, Any] = {
         "tool": "side_by_side", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["python", "bench/side_by_side.py", *(argv or sys.argv[1:])]),
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(report["rounds"], workloads)
     report["summary"] = rows
     loads = [r["loadavg_start"][0] for r in report["rounds"]] + [report["rounds"][-1]["loadavg_end"][0]]
-    print(format_table(rows, "Go nsqd" if other.resolve() == (DEFAULT_GO_DIR / "nsqd").resolve() else other.name))
+    is_go = Path(other[0]).resolve() == (DEFAULT_GO_DIR / "nsqd").resolve()
+    print(format_table(rows, "Go nsqd" if is_go else Path(other[0]).name))
     print(f"\nload: {load.describe()['writer']} / {load.describe()['reader']}; "
           f"1-min load average {min(loads):.2f}-{max(loads):.2f} over the run")
     for r in rows:

@@ -84,3 +84,21 @@ def test_client_bench_every_workload_with_tiny_counts(tmp_path: Path) -> None:
     for name, w in report["workloads"].items():
         assert len(w["runs"]) == 1 and w["median"] > 0, name
     assert "| `writer_50_trio`" in proc.stdout
+
+
+def test_side_by_side_runs_every_workload(tmp_path: Path) -> None:
+    # pynsqd against itself, with nsq_bench's workers as the load (no Go tools
+    # needed): proves the mode runs and reports; it measures nothing
+    out = tmp_path / "sbs.json"
+    pynsqd = f"{sys.executable} -m pynsqd"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "side_by_side.py"), f"--other-nsqd={pynsqd}", "--bench-tools=",
+         "--rounds=1", "--runfor=0.5", "--rss-messages=2000", f"--json-out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["workload"]: r for r in report["summary"]}
+    assert list(rows) == ["mpub", "consume", "spill", "pub", "rss"]
+    assert all(r["ratio_median"] and r["pynsqd_median"] and r["other_median"] for r in rows.values()), rows
+    assert "| MPUB into memory (msg/s) |" in proc.stdout
