@@ -255,7 +255,12 @@ class DiskQueue:
         total = sum(lens) + 4 * len(lens)
         if self._wpos + total <= self._max_bytes:
             # common case, no roll: one bytes object, one write
-            data = b"".join(chain.from_iterable(zip(map(_LEN.pack, lens), items)))
+            if lens.count(lens[0]) == len(lens):
+                # every record of one size (a batch): its length prefix is the separator
+                prefix = _LEN.pack(lens[0])
+                data = prefix + prefix.join(items)
+            else:
+                data = b"".join(chain.from_iterable(zip(map(_LEN.pack, lens), items)))
             self._write([(self._wfn, self._wpos, data)], len(items))
         else:
             self._write(self._split(items, lens), len(items))
