@@ -305,15 +305,17 @@ class Channel:
         in_flight = self.in_flight
         for msg in msgs:
             msg.attempts += 1
-            if msg.token is not None:
-                # the record on disk counts the attempt too, for a redelivery after a crash
-                self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
             msg.client = client
             msg.delivered_at = now
             msg.deadline = deadline
             in_flight[msg.id] = msg
             flight[msg.id] = msg
             msg.flight = flight
+        if self.durable:
+            for msg in msgs:
+                if msg.token is not None:
+                    # the record on disk counts the attempt too, for a redelivery after a crash
+                    self.backend.set_attempts(msg.token, msg.attempts)  # type: ignore[attr-defined]
         if deadline < self._next_deadline:
             self._set_next_deadline(deadline)
 
@@ -427,9 +429,10 @@ class Channel:
     def _finished(self, client: ClientV2, msgs: Sequence[Message]) -> None:
         """``msgs`` left ``client``'s window by FIN: count them, let their
         records go (durable mode), hand the client what is waiting."""
-        for msg in msgs:
-            if msg.token is not None:
-                self.backend.ack(msg.token)  # type: ignore[attr-defined]
+        if self.durable:
+            for msg in msgs:
+                if msg.token is not None:
+                    self.backend.ack(msg.token)  # type: ignore[attr-defined]
         n = len(msgs)
         client.in_flight_count = max(0, client.in_flight_count - n)
         client.finish_count += n

@@ -144,15 +144,16 @@ class ClientV2:
         """Write message frames (the channel already made them in-flight)."""
         out = self.out
         was_empty = not out
-        size = 0
+        size = 34 * len(msgs)
         pack = _pack_message_prefix
+        append = out.append
         for msg in msgs:
             body = msg.body
             n = len(body)
             # the codec's message frame, written as two parts (no copy of the body)
-            out.append(pack(30 + n, FRAME_TYPE_MESSAGE, msg.timestamp, msg.attempts, msg.id))
-            out.append(body)
-            size += 34 + n
+            append(pack(30 + n, FRAME_TYPE_MESSAGE, msg.timestamp, msg.attempts, msg.id))
+            append(body)
+            size += n
         self.out_size += size
         self.in_flight_count += len(msgs)
         self.message_count += len(msgs)
