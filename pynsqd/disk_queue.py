@@ -215,10 +215,14 @@ class DiskQueue:
         item, 0 for none) are kept for ``get_tracked()``, and ``mark`` says the
         items are a batch copied from a topic up to that topic position key:
         the journal learns both before the data is written."""
+        journaled = (notes is not None or mark is not None) and self._journal is not None
+        if len(items) == 1 and not journaled:
+            self.put(items[0])  # a PUB's: without the batch bookkeeping
+            return
         lens = self._check_sizes(items)
         if not lens:
             return
-        if (notes is not None or mark is not None) and self._journal is not None:
+        if journaled:
             self._put_journaled(items, lens, notes, mark, None)
             return
         self._put_lens(items, lens)
