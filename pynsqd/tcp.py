@@ -40,6 +40,8 @@ INF = float("inf")
 # how long a closing connection waits for the peer to take our FIN
 LINGER_TIMEOUT = 1.0
 LINGER_POLL = 0.005
+# how long the reader polls a quick request/response client before it waits
+SPIN = 50e-6
 # SIOCOUTQ: bytes sent but not yet acknowledged (our FIN counts as one)
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
 # on plain TCP the reader does its own non-blocking read(2) and write(2)
@@ -113,6 +115,16 @@ def _read(fd: int) -> bytes | None:
         raise trio.BrokenResourceError(str(exc)) from exc
 
 
+def _spin_read(fd: int, until: float) -> bytes | None:
+    """Poll with read(2) until trio's clock reaches ``until``."""
+    clock = trio.lowlevel.current_clock().current_time
+    while clock() < until:
+        data = _read(fd)
+        if data is not None:
+            return data
+    return None
+
+
 def _discard_input(fd: int) -> bool:
     """Read what has arrived; False once the peer closed (or reset)."""
     try:
@@ -161,6 +173,8 @@ class ConnectionV2:
         self._read_scope = trio.CancelScope()
         # the reader yielded in its last wait: the next read need not yield again
         self._waited = False
+        # its last answer came within SPIN: poll before waiting (see _receive)
+        self._quick_client = False
         # one sender at a time: the writer task, or the reader while it
         # upgrades the stream (TLS/snappy/deflate) after IDENTIFY
         self._send_lock = trio.Lock()
@@ -214,27 +228,38 @@ class ConnectionV2:
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" at EOF)."""
         stream = self.stream  # IDENTIFY may have upgraded it
-        plain = _INLINE_IO and type(stream) is LingeringSocketStream
-        if plain:
-            # plain TCP: read(2) straight away, and wait only when nothing is
-            # there (one trio socket layer less per request/response round trip)
-            data = _read(stream.socket.fileno())
-            if data is not None:
-                if not self._waited:
-                    # a client that always has more must not starve the others
-                    await trio.lowlevel.checkpoint()
-                self._waited = False
-                return data
-        self._reading_since = trio.current_time()
-        try:
-            if not plain:
+        since = trio.current_time()
+        if not (_INLINE_IO and type(stream) is LingeringSocketStream):
+            self._reading_since = since
+            try:
                 return await stream.receive_some(RECEIVE_SIZE)
-            sock = stream.socket
+            finally:
+                self._reading_since = None
+        # plain TCP: read(2) straight away, and wait only when nothing is
+        # there (one trio socket layer less per request/response round trip)
+        sock = stream.socket
+        data = _read(sock.fileno())
+        if data is None and self._quick_client and trio.lowlevel.current_statistics().tasks_runnable == 0:
+            # a client whose last answer came within SPIN (PUB, wait for OK,
+            # PUB...) is polled for that long before the loop sleeps in epoll:
+            # the sleep and the wake-up cost more than the client's whole turn
+            # (Go's scheduler spins before it parks for the same reason).  Only
+            # while nothing else is runnable; the checkpoint below follows.
+            data = _spin_read(sock.fileno(), since + SPIN)
+        if data is not None:
+            if not self._waited:
+                # a client that always has more must not starve the others
+                await trio.lowlevel.checkpoint()
+            self._waited = False
+            return data
+        self._reading_since = since
+        try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 self._waited = True
                 data = _read(sock.fileno())
                 if data is not None:
+                    self._quick_client = trio.current_time() - since < SPIN
                     return data
         finally:
             self._reading_since = None
