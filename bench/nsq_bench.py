@@ -917,6 +917,17 @@ class SpawnedDaemon:
         return out
 
 
+def spawn_listening(cmd: list[str], flags: list[str]) -> SpawnedDaemon:
+    """A spawned daemon once it listens (stopped again if it never does)."""
+    daemon = SpawnedDaemon(cmd, flags)
+    try:
+        daemon.wait_listening()
+    except BaseException:
+        daemon.stop(5)
+        raise
+    return daemon
+
+
 def data_dir_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -936,12 +947,7 @@ class Target:
         self.flags = flags
         self.daemon: SpawnedDaemon | None = None
         if opts.spawn:
-            self.daemon = SpawnedDaemon(shlex.split(opts.daemon_cmd), flags)
-            try:
-                self.daemon.wait_listening()
-            except BaseException:
-                self.daemon.stop(5)
-                raise
+            self.daemon = spawn_listening(shlex.split(opts.daemon_cmd), flags)
             self.tcp = self.daemon.addresses["TCP"]
             self.http: tuple[str, int] | None = self.daemon.addresses["HTTP"]
             self.pid: int | None = self.daemon.pid

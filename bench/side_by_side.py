@@ -71,12 +71,7 @@ class Daemon:
     """One spawned daemon (nsq_bench's SpawnedDaemon) with what a workload needs."""
 
     def __init__(self, cmd: list[str], flags: list[str]) -> None:
-        self.spawned = nb.SpawnedDaemon(cmd, flags)
-        try:
-            self.spawned.wait_listening()
-        except BaseException:
-            self.spawned.stop(5)
-            raise
+        self.spawned = nb.spawn_listening(cmd, flags)
         self.tcp = self.spawned.addresses["TCP"]
         self.http = self.spawned.addresses["HTTP"]
 
@@ -169,82 +164,67 @@ def run_daemon(name: str, cmd: list[str], load: Load, workloads: list[str], rss_
     """Every workload once against fresh daemons started with ``cmd``."""
     out: dict[str, Any] = {}
     tag = f"{name}_{os.getpid()}_{int(time.monotonic() * 1000) % 10**6}"
+    in_memory = [f"--mem-queue-size={MEM_QUEUE_SIZE}"]
 
-    def measure(key: str, fn: Any) -> None:
+    def on_fresh_daemon(key: str, flags: list[str], fn: Any) -> None:
+        """``fn(daemon, topic)`` on a daemon of its own; what it raises is that workload's error."""
+        topic = f"sbs_{key}_{tag}"
         try:
-            fn()
+            d = Daemon(cmd, flags)
+            try:
+                fn(d, topic)
+            finally:
+                d.stop([topic])
         except Exception as exc:  # noqa: BLE001 - one workload failing must not lose the others
             out[key] = {"error": f"{type(exc).__name__}: {exc}"}
 
+    def mpub_consume(d: Daemon, topic: str) -> None:
+        s0 = d.sample()
+        rate = load.mpub(d, topic)
+        s1 = d.sample()
+        backlog = d.topic(topic).get("depth", 0)
+        if "mpub" in workloads:
+            out["mpub"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, s1), "backlog": backlog}
+        if "consume" in workloads:
+            rate = load.consume(d, topic, backlog)
+            s2 = d.sample()
+            st = d.topic(topic)
+            ch = nb.channel_of(st, "ch") or {}
+            left = st.get("depth", 0) + ch.get("depth", 0) + ch.get("in_flight_count", 0)
+            out["consume"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s1, s2), "backlog": backlog, "left": left}
+            if left == 0 and load.reader is not None:
+                out["consume"]["note"] = "backlog ran out: rate is a lower bound"
+
+    def spill(d: Daemon, topic: str) -> None:
+        s0 = d.sample()
+        rate = load.mpub(d, topic)
+        out["spill"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, d.sample()),
+                        "backend_depth": d.topic(topic).get("backend_depth")}
+
+    def pub(d: Daemon, topic: str) -> None:
+        s0 = d.sample()
+        rate = load.pub(d, topic)
+        out["pub"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, d.sample()),
+                      "round_trip_us": 1e6 / rate if rate else None}
+
+    def rss(d: Daemon, topic: str) -> None:
+        # the topic exists before the baseline sample: only messages count
+        nb.http_call(d.http, "POST", f"/topic/create?topic={topic}")
+        before = d.sample()["rss_bytes"]
+        load.fill(d, topic, rss_messages)
+        depth = d.topic(topic).get("depth")
+        after = d.sample()["rss_bytes"]
+        out["rss"] = {"mib_per_million": (after - before) / nb.MIB * 1e6 / rss_messages,
+                      "rss_before_mib": before / nb.MIB, "rss_after_mib": after / nb.MIB, "depth": depth}
+
     if "mpub" in workloads or "consume" in workloads:
-        def mpub_consume() -> None:
-            d = Daemon(cmd, [f"--mem-queue-size={MEM_QUEUE_SIZE}"])
-            topic = f"sbs_mpub_{tag}"
-            try:
-                s0 = d.sample()
-                rate = load.mpub(d, topic)
-                s1 = d.sample()
-                backlog = d.topic(topic).get("depth", 0)
-                if "mpub" in workloads:
-                    out["mpub"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, s1), "backlog": backlog}
-                if "consume" in workloads:
-                    rate = load.consume(d, topic, backlog)
-                    s2 = d.sample()
-                    st = d.topic(topic)
-                    ch = nb.channel_of(st, "ch") or {}
-                    left = st.get("depth", 0) + ch.get("depth", 0) + ch.get("in_flight_count", 0)
-                    out["consume"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s1, s2), "backlog": backlog,
-                                      "left": left}
-                    if left == 0 and load.reader is not None:
-                        out["consume"]["note"] = "backlog ran out: rate is a lower bound"
-            finally:
-                d.stop([topic])
-
-        measure("mpub", mpub_consume)
+        on_fresh_daemon("mpub", in_memory, mpub_consume)
     if "spill" in workloads:
-        def spill() -> None:
-            d = Daemon(cmd, [])
-            topic = f"sbs_spill_{tag}"
-            try:
-                s0 = d.sample()
-                rate = load.mpub(d, topic)
-                st = d.topic(topic)
-                out["spill"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, d.sample()),
-                                "backend_depth": st.get("backend_depth")}
-            finally:
-                d.stop([topic])
-
-        measure("spill", spill)
+        on_fresh_daemon("spill", [], spill)
     if "pub" in workloads:
-        def pub() -> None:
-            d = Daemon(cmd, [])
-            topic = f"sbs_pub_{tag}"
-            try:
-                s0 = d.sample()
-                rate = load.pub(d, topic)
-                out["pub"] = {"msgs_per_s": rate, "daemon_cpu_pct": _cpu_pct(s0, d.sample()),
-                              "round_trip_us": 1e6 / rate if rate else None}
-            finally:
-                d.stop([topic])
-
-        measure("pub", pub)
+        on_fresh_daemon("pub", [], pub)
     if "rss" in workloads:
-        def rss() -> None:
-            d = Daemon(cmd, [f"--mem-queue-size={MEM_QUEUE_SIZE}"])
-            topic = f"sbs_rss_{tag}"
-            try:
-                # the topic exists before the baseline sample: only messages count
-                nb.http_call(d.http, "POST", f"/topic/create?topic={topic}")
-                before = d.sample()["rss_bytes"]
-                load.fill(d, topic, rss_messages)
-                depth = d.topic(topic).get("depth")
-                after = d.sample()["rss_bytes"]
-                out["rss"] = {"mib_per_million": (after - before) / nb.MIB * 1e6 / rss_messages,
-                              "rss_before_mib": before / nb.MIB, "rss_after_mib": after / nb.MIB, "depth": depth}
-            finally:
-                d.stop([topic])
-
-        measure("rss", rss)
+        on_fresh_daemon("rss", in_memory, rss)
     return out
 
 
