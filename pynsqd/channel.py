@@ -248,7 +248,7 @@ class Channel:
         if self.backend.depth() == 0:
             self._backend_turn = True
             return self.memory.pop_many(limit)
-        out = []
+        out: list[Message] = []
         while len(out) < limit:
             msg = self._pop()
             if msg is None:

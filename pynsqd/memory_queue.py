@@ -46,11 +46,11 @@ class MemoryQueue:
         items = self._items
         head = items[0]
         self._len -= 1
-        if type(head) is Message:
+        if isinstance(head, Message):
             items.popleft()
             return head
         pos = self._pos
-        msg = head.message(head.lo + pos)  # type: ignore[union-attr]
+        msg = head.message(head.lo + pos)
         if pos + 1 == len(head):
             items.popleft()
             self._pos = 0
@@ -64,12 +64,13 @@ class MemoryQueue:
         out: list[Message] = []
         while len(out) < limit and items:
             head = items[0]
-            if type(head) is Message:
-                out.append(items.popleft())  # type: ignore[arg-type]
+            if isinstance(head, Message):
+                out.append(head)
+                items.popleft()
                 continue
             pos = self._pos
             n = min(limit - len(out), len(head) - pos)
-            out += head.messages(head.lo + pos, head.lo + pos + n)  # type: ignore[union-attr]
+            out += head.messages(head.lo + pos, head.lo + pos + n)
             if pos + n == len(head):
                 items.popleft()
                 self._pos = 0
@@ -83,7 +84,7 @@ class MemoryQueue:
         the head batch, or a list of the single messages there."""
         items = self._items
         head = items[0]
-        if type(head) is MessageBatch:
+        if isinstance(head, MessageBatch):
             pos = self._pos
             part = head[pos : pos + limit]
             if pos + len(part) == len(head):
@@ -94,7 +95,7 @@ class MemoryQueue:
             self._len -= len(part)
             return part
         out: list[Message] = []
-        while items and len(out) < limit and type(items[0]) is Message:
+        while items and len(out) < limit and isinstance(items[0], Message):
             out.append(items.popleft())  # type: ignore[arg-type]
         self._len -= len(out)
         return out
@@ -110,10 +111,10 @@ class MemoryQueue:
         """The messages in order (made from their batches: for shutdown and tests)."""
         pos = self._pos
         for item in self._items:
-            if type(item) is Message:
+            if isinstance(item, Message):
                 yield item
             else:
-                yield from item[pos:]  # type: ignore[index]
+                yield from item[pos:]
             pos = 0
 
     def clear(self) -> None:

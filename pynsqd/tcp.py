@@ -232,7 +232,7 @@ class ConnectionV2:
         if not (_INLINE_IO and type(stream) is LingeringSocketStream):
             self._reading_since = since
             try:
-                return await stream.receive_some(RECEIVE_SIZE)
+                return bytes(await stream.receive_some(RECEIVE_SIZE))  # bytes already: not copied
             finally:
                 self._reading_since = None
         # plain TCP: read(2) straight away, and wait only when nothing is

@@ -206,6 +206,7 @@ class Topic:
         if self._stall:
             self._deliver(self._stall, self._stall_positions)
         moved = 0
+        msgs: Messages
         while moved < limit and not self._stall and self.can_deliver():
             # from one side, then the other's turn
             self._drain_backend_turn = not self._drain_backend_turn
