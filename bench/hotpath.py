@@ -1,6 +1,7 @@
 """Micro-benchmark of the daemon's hot paths without sockets: the sans-IO
-core driven directly (MPUB parsing + fan-out, delivery + FIN, and one PUB
-command at a time), in ns per message of CPU time.  Deterministic enough to compare one change to the next
+core driven directly (MPUB parsing + fan-out, delivery + FIN, one PUB
+command at a time, and both publishes into the disk queue), in ns per
+message of CPU time.  Deterministic enough to compare one change to the next
 on a noisy machine, where the socket benchmarks (nsq_bench.py) swing by 20 %.
 
     python bench/hotpath.py [--messages N]
@@ -9,6 +10,7 @@ on a noisy machine, where the socket benchmarks (nsq_bench.py) swing by 20 %.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -84,19 +86,33 @@ async def run(messages: int, size: int, rdy: int) -> dict[str, float]:
         t_con = clock() - t0
         assert done == sent, (done, sent)
         # --- PUB one command at a time (a round trip's share of the core), no channel
-        single = nsqd.new_client("127.0.0.1:3")
-        proto = ProtocolV2(nsqd, single)
-        cmd = encode_command(b"PUB", "single", body=body)
         pubs = messages // 10
-        t0 = time.process_time()
-        for _ in range(pubs):
-            proto.receive_data(cmd)
-            proto.process()
-            single.take_output()
-        t_single = time.process_time() - t0
+        t_single = _time_commands(nsqd, encode_command(b"PUB", "single", body=body), pubs)
+        # --- the same two publishes past --mem-queue-size: into the disk queue
+        # (syncs are the daemon's rounds, outside the core: not timed here)
+        disk_path = os.path.join(tmp, "disk")
+        os.mkdir(disk_path)
+        disk = NSQD(Options(data_path=disk_path, mem_queue_size=0, sync_every=1 << 30, lookupd_tcp_addresses=[]))
+        t_disk_mpub = _time_commands(disk, batch, messages // 400)
+        t_disk_pub = _time_commands(disk, encode_command(b"PUB", "bench", body=body), pubs)
+        for topic in disk.topics.values():
+            topic.backend.close()
         return {"publish_ns_per_msg": t_pub / sent * 1e9, "consume_ns_per_msg": t_con / sent * 1e9,
                 "consume_daemon_ns_per_msg": t_daemon / sent * 1e9, "pub_ns_per_msg": t_single / pubs * 1e9,
-                "messages": sent}
+                "disk_mpub_ns_per_msg": t_disk_mpub / (messages // 400 * 200) * 1e9,
+                "disk_pub_ns_per_msg": t_disk_pub / pubs * 1e9, "messages": sent}
+
+
+def _time_commands(nsqd: NSQD, command: bytes, count: int) -> float:
+    """CPU seconds for ``count`` commands through a fresh client, one at a time."""
+    client = nsqd.new_client("127.0.0.1:9")
+    proto = ProtocolV2(nsqd, client)
+    t0 = time.process_time()
+    for _ in range(count):
+        proto.receive_data(command)
+        proto.process()
+        client.take_output()
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -115,6 +131,10 @@ def main() -> None:
     print(f"consume (deliver + FIN):       {best_con:7.0f} ns/msg  = {1e9 / best_con:9,.0f} msg/s of one core")
     print(f"  of which the daemon's part:  {best_daemon:7.0f} ns/msg  (the rest: the stand-in consumer reading ids, writing FINs)")
     print(f"PUB, one command at a time:    {best_single:7.0f} ns/msg  = {1e9 / best_single:9,.0f} msg/s of one core")
+    best_disk_mpub = min(r["disk_mpub_ns_per_msg"] for r in results)
+    best_disk_pub = min(r["disk_pub_ns_per_msg"] for r in results)
+    print(f"MPUB x200 into the disk queue: {best_disk_mpub:7.0f} ns/msg  = {1e9 / best_disk_mpub:9,.0f} msg/s of one core")
+    print(f"PUB into the disk queue:       {best_disk_pub:7.0f} ns/msg  = {1e9 / best_disk_pub:9,.0f} msg/s of one core")
 
 
 if __name__ == "__main__":
