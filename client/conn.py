@@ -22,7 +22,7 @@ import math
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -354,9 +354,18 @@ def split_options(options: dict[str, Any], own: type, owner: str) -> tuple[dict[
 
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"bad address {address!r}: want host:port")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_addresses(addresses: Iterable[str]) -> list[str]:
+    """``host:port`` addresses, refused when a Reader or Writer is built
+    (not later, as a failure of the task that would dial them)."""
+    out = list(addresses)
+    for address in out:
+        split_address(address)
+    return out
 
 
 # ================================================================ async edge

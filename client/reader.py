@@ -48,6 +48,7 @@ from .conn import (
     IdentifyResponse,
     MessageReceived,
     OpenStream,
+    check_addresses,
     open_tcp,
     split_options,
 )
@@ -203,7 +204,7 @@ class Reader(NurseryService):
         self.handler = handler
         self._handler_is_async = is_async_callable(handler)
         self.on_give_up = on_give_up
-        self.nsqd_tcp_addresses = list(nsqd_tcp_addresses)
+        self.nsqd_tcp_addresses = check_addresses(nsqd_tcp_addresses)
         self.lookupd_http_addresses = list(lookupd_http_addresses)
         if not self.nsqd_tcp_addresses and not self.lookupd_http_addresses:
             raise ValueError("give nsqd_tcp_addresses or lookupd_http_addresses")

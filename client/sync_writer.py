@@ -48,6 +48,7 @@ from .conn import (
     Handshake,
     Response,
     Upgrade,
+    check_addresses,
     split_address,
     split_options,
 )
@@ -324,11 +325,9 @@ class SyncWriter:
     def __init__(self, nsqd_tcp_addresses: Iterable[str], *, rng: random.Random | None = None, **options: Any) -> None:
         if isinstance(nsqd_tcp_addresses, str):
             raise TypeError("nsqd_tcp_addresses must be a list of strings")
-        self.addresses = list(nsqd_tcp_addresses)
+        self.addresses = check_addresses(nsqd_tcp_addresses)
         if not self.addresses:
             raise ValueError("give at least one nsqd address")
-        for address in self.addresses:
-            split_address(address)
         own, self.conn_options = split_options(options, WriterConfig, "SyncWriter")
         self.config = WriterConfig(**own)
         self.conn_options.heartbeat_interval = 0  # see the module docstring

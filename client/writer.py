@@ -38,6 +38,7 @@ from .conn import (
     Event,
     OpenStream,
     Response,
+    check_addresses,
     open_tcp,
     split_options,
 )
@@ -137,7 +138,7 @@ class Writer(NurseryService):
     ) -> None:
         if isinstance(nsqd_tcp_addresses, str):
             raise TypeError("nsqd_tcp_addresses must be a list of strings")
-        self.addresses = list(nsqd_tcp_addresses)
+        self.addresses = check_addresses(nsqd_tcp_addresses)
         if not self.addresses:
             raise ValueError("give at least one nsqd address")
         own, self.conn_options = split_options(options, WriterConfig, "Writer")

@@ -161,6 +161,7 @@ async def test_a_failure_of_the_clients_own_tasks_is_one_background_task_error(n
     assert isinstance(info.value.__cause__, ZeroDivisionError)
 
 
+
 # ---------------------------------------------------------------- 3. asyncio, as an asyncio app uses it
 
 
@@ -443,3 +444,18 @@ async def test_a_writer_that_was_not_started_says_so_at_once(nsqd, unique, refus
         with pytest.raises(PublishError, match=f"cannot connect to {refused_address}.*[Rr]efused") as info:
             await writer.pub(unique, b"x")
     assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("address", ["foo", "", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:-1"])
+def test_a_bad_nsqd_address_is_refused_when_built_not_as_an_internal_error(address):
+    from pynsqd.client import SyncWriter
+
+    def handler(message: Message) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="bad address"):
+        Writer([address])
+    with pytest.raises(ValueError, match="bad address"):
+        Reader("t", "c", handler, nsqd_tcp_addresses=[address])
+    with pytest.raises(ValueError, match="bad address"):
+        SyncWriter([address])

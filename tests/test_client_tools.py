@@ -195,6 +195,29 @@ def test_tail_bad_flags_exit_2_as_go():
     assert p.returncode == 1 and p.stderr.decode().strip() == "pynsq_tail: --nsqd-tcp-address or --lookupd-http-address required"
 
 
+
+@pytest.mark.parametrize(
+    "go, args",
+    [
+        ("nsq_tail", ["--topic=t"]),
+        ("to_nsq", ["--topic=t"]),
+        ("nsq_to_file", ["--topic=t", "--output-dir=."]),
+        ("nsq_to_http", ["--topic=t", "--get=http://127.0.0.1:1/?m=%s"]),
+        ("nsq_to_nsq", ["--topic=t", f"--destination-nsqd-tcp-address={DOWN}"]),
+    ],
+)
+@pytest.mark.parametrize("address", ["nsqd-without-port", "127.0.0.1:99999"])
+def test_a_bad_nsqd_address_is_one_line_not_a_traceback(go, args, address, tmp_path):
+    flag = "--destination-nsqd-tcp-address" if go == "nsq_to_nsq" else "--nsqd-tcp-address"
+    args = [a for a in args if not a.startswith(flag)] + [f"{flag}={address}"]
+    if go == "nsq_to_nsq":
+        args.append(f"--nsqd-tcp-address={DOWN}")
+    p = subprocess.run([*tool_command(go), *args], capture_output=True, timeout=60, cwd=tmp_path)
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    assert err.strip() == f"py{go}: bad address {address!r}: want host:port"
+
+
 # ---------------------------------------------------------------- pyto_nsq
 
 

@@ -17,7 +17,7 @@ import trio
 
 from pynsqd.flags import flag_field, parse_bool, parse_duration, run_cli
 
-from ..conn import ConnectionOptions
+from ..conn import ConnectionOptions, check_addresses
 from ..errors import ClientError, describe
 from ..lookupd import QueryErrors, query_topics
 from ..reader import ReaderConfig
@@ -233,13 +233,24 @@ def tool_main(
     if opts.version:
         print(version_line(prog))
         return 0
-    problem = check(opts, parsed.given)
+    problem = check(opts, parsed.given) or bad_address(opts)
     if problem:
         sys.stderr.write(f"{prog}: {problem}\n")
         return 1
     if hasattr(opts, "log_level"):
         configure_logging(getattr(opts, "log_prefix", f"[{prog}] "), opts.log_level)
     return start(opts)
+
+
+def bad_address(opts: Any) -> str | None:
+    """The first nsqd TCP address that is not ``host:port`` (the Reader or
+    Writer would refuse it later, inside the running tool)."""
+    for name in ("nsqd_tcp_addresses", "destination_nsqd_tcp_addresses"):
+        try:
+            check_addresses(getattr(opts, name, ()))
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------- running
