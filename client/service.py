@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .errors import BackgroundTaskError
+from .errors import BackgroundTaskError, NotRunningError
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
@@ -104,6 +104,9 @@ class NurseryService:
             await tg.__aexit__(type(pending) if pending else None, pending, pending.__traceback__ if pending else None)
         except BaseException as group:
             failure = background_failure(group, type(self).__name__, exclude=exc)
+        if failure is not None and isinstance(exc, NotRunningError):
+            # the body only learnt that we stopped: say why
+            raise failure from failure.__cause__
         if exc is not None and not body_cancelled:
             return False  # the caller's own exception, as itself; ours was logged
         if failure is not None:

@@ -162,6 +162,21 @@ async def test_a_failure_of_the_clients_own_tasks_is_one_background_task_error(n
 
 
 
+@on_both_backends
+async def test_a_failure_of_the_clients_own_tasks_during_a_publish_is_a_background_task_error(nsqd, unique):
+    """The body was waiting in pub() when the Writer's own task failed: what
+    comes out is the failure, not the "Writer is stopped" it caused."""
+    from pynsqd.client import BackgroundTaskError
+
+    async def broken_dialer(host: str, port: int) -> anyio.abc.ByteStream:
+        raise ZeroDivisionError("a bug in the dialer")
+
+    with anyio.fail_after(10), pytest.raises(BackgroundTaskError) as info:
+        async with Writer([nsqd.tcp_address], open_stream=broken_dialer) as writer:
+            await writer.pub(unique, b"x")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 # ---------------------------------------------------------------- 3. asyncio, as an asyncio app uses it
 
 
