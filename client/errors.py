@@ -9,6 +9,7 @@ themselves, pass).
 from __future__ import annotations
 
 import os
+import socket
 
 NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 
@@ -71,6 +72,8 @@ def describe(exc: BaseException) -> str:
     words for a system error on every backend ("[Errno 111] Connection refused")."""
     if isinstance(exc, OSError) and not exc.errno and isinstance(exc.__cause__, OSError):
         exc = exc.__cause__
+    if isinstance(exc, socket.gaierror):
+        return str(exc)  # resolver codes are not errnos: strerror() has no words for them
     if isinstance(exc, OSError) and exc.errno:
         return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
     text = str(exc) or type(exc).__name__

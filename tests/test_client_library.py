@@ -474,3 +474,14 @@ def test_a_bad_nsqd_address_is_refused_when_built_not_as_an_internal_error(addre
         Reader("t", "c", handler, nsqd_tcp_addresses=[address])
     with pytest.raises(ValueError, match="bad address"):
         SyncWriter([address])
+
+
+def test_an_unknown_host_is_described_in_words_not_as_an_unknown_errno():
+    from pynsqd.client.errors import describe
+
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert describe(error) == f"[Errno {socket.EAI_NONAME}] Name or service not known"
+    wrapped = OSError("All connection attempts failed")
+    wrapped.__cause__ = error
+    assert describe(wrapped) == f"[Errno {socket.EAI_NONAME}] Name or service not known"
+    assert describe(ConnectionRefusedError(111, "Error connecting to ('127.0.0.1', 1): Connection refused")) == "[Errno 111] Connection refused"
