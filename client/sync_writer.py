@@ -279,11 +279,14 @@ class _SyncConn:
         waiter.error = error
         waiter.done = True
 
-    def _break(self, exc: BaseException) -> None:
+    def _break(self, exc: BaseException, *, closing: bool = False) -> None:
         with self._cond:
             if self.broken is None:
                 self.broken = exc
-                self.log.warning("connection lost: %s", describe(exc))
+                if closing:
+                    self.log.debug("closed")
+                else:
+                    self.log.warning("connection lost: %s", describe(exc))
             while self._pending:
                 self._resolve(ConnectionClosed(f"connection to {self.address} lost: {describe(exc)}"))
             self._cond.notify_all()
@@ -298,7 +301,7 @@ class _SyncConn:
                 self._cond.wait(remaining)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        self._break(ConnectionClosed("writer closed"))
+        self._break(ConnectionClosed("writer closed"), closing=True)
 
 
 @attrs.define

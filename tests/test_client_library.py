@@ -485,3 +485,12 @@ def test_an_unknown_host_is_described_in_words_not_as_an_unknown_errno():
     wrapped.__cause__ = error
     assert describe(wrapped) == f"[Errno {socket.EAI_NONAME}] Name or service not known"
     assert describe(ConnectionRefusedError(111, "Error connecting to ('127.0.0.1', 1): Connection refused")) == "[Errno 111] Connection refused"
+
+
+def test_closing_a_sync_writer_logs_no_warning(nsqd, unique, caplog):
+    from pynsqd.client import SyncWriter
+
+    with caplog.at_level(logging.INFO, logger="pynsqd.client"):
+        with SyncWriter([nsqd.tcp_address]) as writer:
+            writer.pub(unique, b"x")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
