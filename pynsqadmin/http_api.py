@@ -459,6 +459,11 @@ class AdminHTTP:
             failed=len(failed),
         )
         self.admin.notify(action.name, target, user=user, request=req)
+        if len(failed) < len(outcomes):
+            # a fresh sample, so that the graphs of the page shown next agree
+            # with its tables (emptied: depth 0 now, not at the next sample)
+            with trio.move_on_after(self.options.http_client_connect_timeout + self.options.http_client_request_timeout):
+                await self.admin.sample_once()
         if failed:
             return self.render("result.html", 502, title=action.label, action=action, outcomes=outcomes, failed=failed, back=self.page_of(target, action.then))
         return redirect(self.page_of(target, action.then) + "?" + urlencode({"done": action.name}))

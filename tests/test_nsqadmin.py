@@ -235,6 +235,28 @@ def test_actions_need_post_confirmation_and_a_token(cluster, unique):
     assert post(cluster.admin, "/actions", {"action": "no_such_action", "topic": unique})[0] == 400
 
 
+def test_after_an_action_the_graphs_show_its_effect_not_the_sample_before(cluster, unique):
+    """Emptied says "Channel emptied." next to a depth graph that must not
+    still say 30 until the next sample (an hour away here)."""
+    nsqd = cluster.nsqds[0]
+    assert nsqd.http("POST", f"/topic/create?topic={unique}")[0] == 200
+    assert nsqd.http("POST", f"/channel/create?topic={unique}&channel=c")[0] == 200
+    publish(nsqd, unique, [b"z"] * 30)
+    admin = start_nsqadmin(f"--nsqd-http-address={nsqd.http_address}", "--sample-interval=10m")
+    try:
+        def depth_graph(path: str) -> float | None:
+            last = re.search(r'<svg class="graph graph-depth"[^>]*data-last="([0-9.]+)"', page(admin, path)[1])
+            return float(last.group(1)) if last else None
+
+        wait_for(lambda: depth_graph(f"/topics/{unique}/c") == 30.0, message="the first sample")
+        status, headers, _ = act(admin, "empty_channel", topic=unique, channel="c")
+        assert status == 303
+        assert channel_stats(nsqd, unique, "c")["depth"] == 0
+        assert depth_graph(headers["Location"]) == 0.0
+    finally:
+        admin.stop()
+
+
 def test_topic_actions_on_every_nsqd(cluster, unique):
     for nsqd in cluster.nsqds:
         publish(nsqd, unique, [b"q"] * 3)
