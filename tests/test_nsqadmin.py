@@ -142,6 +142,19 @@ def test_channel_page_shows_its_clients_escaped(cluster, unique):
     assert f"127.0.0.1:{nsqd.http_port}" in clients
 
 
+def test_channel_page_names_each_clients_client_id(cluster, unique):
+    """nsqadmin shows "host:port (client_id)": the id is how an operator
+    tells workers on one host apart."""
+    nsqd = cluster.nsqds[0]
+    with RawClient(nsqd.tcp_port) as client:
+        identify_and_upgrade(client, client_id="billing-worker-7", hostname="consumer-host", heartbeat_interval=30000)
+        assert client.sub(unique, "ids").data == b"OK"
+        status, body = page(cluster.admin, f"/topics/{unique}/ids")
+    assert status == 200
+    clients = body.split('id="clients"', 1)[1].split("</table>", 1)[0]
+    assert "consumer-host" in clients and "billing-worker-7" in clients
+
+
 def test_nodes_page_shows_each_nsqd_and_its_lookupd(cluster):
     status, body = page(cluster.admin, "/nodes")
     assert status == 200
