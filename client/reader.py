@@ -352,6 +352,8 @@ class Reader(NurseryService):
         if self._conns_changed is None:
             raise NotRunningError("the Reader is not started: use `async with Reader(...)` (or start reader.run in a task group)")
         while len(self.connections) < count:
+            if self._stopped is not None and self._stopped.is_set():
+                raise NotRunningError("the Reader has stopped")
             await self._conns_changed.wait()
 
     async def wait_dialled(self) -> None:

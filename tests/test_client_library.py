@@ -494,3 +494,16 @@ def test_closing_a_sync_writer_logs_no_warning(nsqd, unique, caplog):
         with SyncWriter([nsqd.tcp_address]) as writer:
             writer.pub(unique, b"x")
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@on_both_backends
+async def test_waiting_on_a_reader_that_has_stopped_says_so_at_once(nsqd, unique):
+    from pynsqd.client import NotRunningError
+
+    async def handler(message: Message) -> None:
+        pass
+
+    async with Reader(unique, "gone", handler, nsqd_tcp_addresses=[nsqd.tcp_address]) as reader:
+        await reader.wait_connected()
+    with anyio.fail_after(5), pytest.raises(NotRunningError, match="stopped"):
+        await reader.wait_connected()
