@@ -199,6 +199,7 @@ class Writer(NurseryService):
         while len(self._usable()) < count:
             assert self._ready_changed is not None
             await self._ready_changed.wait()
+            self._check_running()  # stopped meanwhile: its event stays set
 
     async def wait_dialled(self) -> None:
         """Wait until every nsqd has been dialled once: connected, or its

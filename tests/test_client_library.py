@@ -507,3 +507,27 @@ async def test_waiting_on_a_reader_that_has_stopped_says_so_at_once(nsqd, unique
         await reader.wait_connected()
     with anyio.fail_after(5), pytest.raises(NotRunningError, match="stopped"):
         await reader.wait_connected()
+
+
+@on_both_backends
+async def test_waiting_for_a_writers_connection_ends_when_the_writer_stops(refused_address):
+    from pynsqd.client import NotRunningError
+
+    async with anyio.create_task_group() as tg:
+        writer = Writer([refused_address])
+        await tg.start(writer.run)
+        outcome: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                await writer.wait_connected()
+            except NotRunningError as exc:
+                outcome.append(exc)
+
+        tg.start_soon(wait)
+        await anyio.sleep(0.2)
+        await writer.stop()
+        with anyio.fail_after(5):
+            while not outcome:
+                await anyio.sleep(0.02)
+    assert "stopped" in str(outcome[0])
