@@ -244,7 +244,12 @@ class Writer(NurseryService):
                 queue(wc.conn.proto)
                 wc.pending.append(pending)
                 wc.conn.wake()
-                await pending.done.wait()
+                try:
+                    await pending.done.wait()
+                except anyio.get_cancelled_exc_class():
+                    # sent, and nsqd was connected but silent (hung, overloaded)
+                    last = TimeoutError(f"no answer from nsqd {wc.conn.address} in time")
+                    raise
                 error = pending.error
                 if error is None:
                     self.published += 1

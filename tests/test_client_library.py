@@ -531,3 +531,17 @@ async def test_waiting_for_a_writers_connection_ends_when_the_writer_stops(refus
             while not outcome:
                 await anyio.sleep(0.02)
     assert "stopped" in str(outcome[0])
+
+
+@on_both_backends
+async def test_a_publish_that_nsqd_never_answers_says_so(nsqd, unique):
+    import signal
+
+    async with Writer([nsqd.tcp_address], publish_timeout=1) as writer:
+        await writer.pub(unique, b"x")
+        os.kill(nsqd.proc.pid, signal.SIGSTOP)  # connected, then silent
+        try:
+            with pytest.raises(PublishError, match=f"no answer from nsqd {nsqd.tcp_address}"):
+                await writer.pub(unique, b"y")
+        finally:
+            os.kill(nsqd.proc.pid, signal.SIGCONT)
