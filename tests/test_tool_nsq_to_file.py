@@ -202,3 +202,22 @@ def test_bad_settings_stop_at_start(nsqd, tmp_path, args, message):
     assert p.returncode == 1
     assert p.stderr.splitlines()[-1] == message
     assert "Traceback" not in p.stderr
+
+
+def test_a_message_that_cannot_be_written_stops_the_tool_and_stays_queued(nsqd, unique, tmp_path):
+    """As Go's nsq_to_file ("FATAL: unable to create dir"), exit 1 with one
+    line: never carry on failing until the messages are given up (lost)."""
+    import subprocess
+
+    create_channel(nsqd, unique, "c")
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    mpub_http(nsqd, unique, [b"kept-1", b"kept-2"])
+    p = subprocess.run([*tool_command("nsq_to_file"), f"--topic={unique}", "--channel=c", f"--nsqd-tcp-address={nsqd.tcp_address}",
+                        f"--output-dir={not_a_dir}"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.splitlines()[-1].startswith("pynsq_to_file: ") and "File exists" in p.stderr.splitlines()[-1]
+    wait_for(lambda: channel_stats(nsqd, unique, "c")["in_flight_count"] == 0, message="nothing left in flight")
+    c = channel_stats(nsqd, unique, "c")
+    assert c["depth"] == 2 and c["message_count"] == 2

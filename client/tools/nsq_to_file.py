@@ -53,6 +53,7 @@ from ..message import Message
 from ..reader import Reader
 from .common import (
     CONSUMER_OPTIONS,
+    ToolExit,
     consumer_opts_flag,
     fail_if_not_dialled,
     http_timeout_flags,
@@ -319,13 +320,17 @@ def _exclusive_move(src: str, dst: str) -> None:
 class TopicArchiver:
     """A Reader on one topic feeding a FileLogger; FINs once fsynced."""
 
-    def __init__(self, opts: ToFileOptions, topic: str, extra: dict[str, Any], log: logging.Logger) -> None:
+    def __init__(
+        self, opts: ToFileOptions, topic: str, extra: dict[str, Any], log: logging.Logger, on_failure: Callable[[str], None] = lambda line: None
+    ) -> None:
         self.opts = opts
         self.file = FileLogger(opts, topic, log)
         self.log = log
         self.lock = trio.Lock()
         self.pending: list[Message] = []  # written, not yet synced
         self.stopping = False
+        self.failed = False
+        self.on_failure = on_failure
         self.reader = Reader(
             topic,
             opts.channel,
@@ -340,18 +345,38 @@ class TopicArchiver:
     async def handle(self, message: Message) -> None:
         message.disable_auto_response()
         async with self.lock:
-            synced = False
-            if self.file.needs_rotation():
-                await trio.to_thread.run_sync(self.file.rotate)
-                synced = True  # the old file was synced as it closed
-            self.file.write(message.body + b"\n")
-            self.pending.append(message)
-            # group commit: sync once no other message is waiting to be
-            # written (nsqd sends no more until these are finished), or a
-            # window's worth is pending
-            waiting = self.reader.in_flight - len(self.pending)
-            if synced or self.stopping or waiting <= 0 or len(self.pending) >= self.opts.max_in_flight:
-                await self._sync_locked()
+            if self.failed:
+                message.requeue(0, backoff=False)
+                return
+            try:
+                synced = False
+                if self.file.needs_rotation():
+                    await trio.to_thread.run_sync(self.file.rotate)
+                    synced = True  # the old file was synced as it closed
+                self.file.write(message.body + b"\n")
+                self.pending.append(message)
+                # group commit: sync once no other message is waiting to be
+                # written (nsqd sends no more until these are finished), or a
+                # window's worth is pending
+                waiting = self.reader.in_flight - len(self.pending)
+                if synced or self.stopping or waiting <= 0 or len(self.pending) >= self.opts.max_in_flight:
+                    await self._sync_locked()
+            except OSError as exc:
+                self._fail(message, exc)
+
+    def _fail(self, message: Message, exc: OSError) -> None:
+        """A file that cannot be written stops the tool, as Go's FATAL: going
+        on would fail each message until it is given up (lost).  Nothing
+        more is taken; what is in flight goes back to nsqd at once."""
+        self.failed = True
+        self.reader.set_max_in_flight(0)
+        for m in [*self.pending, message]:
+            if not m.has_responded:
+                m.requeue(0, backoff=False)
+        self.pending = []
+        line = f"{self.file.tag} cannot write messages: {exc}"
+        self.log.error(line)
+        self.on_failure(line)
 
     async def _sync_locked(self) -> None:
         if not self.pending:
@@ -365,6 +390,8 @@ class TopicArchiver:
     async def tick(self) -> None:
         """--sync-interval: rotate if due, sync."""
         async with self.lock:
+            if self.failed:
+                return
             if self.file.needs_rotation():
                 await self._sync_locked()
                 if self.opts.skip_empty_files:
@@ -388,6 +415,12 @@ class TopicArchiver:
             nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             async with self.lock:
+                if self.failed:
+                    try:
+                        await trio.to_thread.run_sync(self.file.close)
+                    except OSError as exc:  # said already; its messages went back to nsqd
+                        self.log.debug("%s closing after the failure: %s", self.file.tag, exc)
+                    return
                 await self._sync_locked()
                 await trio.to_thread.run_sync(self.file.close)
 
@@ -415,7 +448,9 @@ class Archiver:
         self.topics: dict[str, TopicArchiver] = {}
         self.pattern = re.compile(opts.topic_pattern) if opts.topic_pattern else None
         self.stopping = False
+        self.failure = ""  # why the tool stops with exit code 1
         self._nursery: trio.Nursery | None = None
+        self._background = trio.CancelScope()  # signals and discovery; cancelled: stop
 
     def allowed(self, topic: str) -> bool:
         return self.pattern is None or self.pattern.search(topic) is not None
@@ -429,7 +464,7 @@ class Archiver:
             if not self.allowed(topic):
                 self.log.debug("skipping topic %s (doesn't match pattern %s)", topic, self.opts.topic_pattern)
                 continue
-            archiver = TopicArchiver(self.opts, topic, dict(self.extra), self.log)
+            archiver = TopicArchiver(self.opts, topic, dict(self.extra), self.log, self.fail)
             self.topics[topic] = archiver
             await self._nursery.start(archiver.run)
             added.append(archiver)
@@ -449,6 +484,12 @@ class Archiver:
                 for archiver in list(self.topics.values()):
                     await archiver.reopen()
 
+    def fail(self, line: str) -> None:
+        """A topic cannot be archived: stop every topic, exit 1 with ``line``."""
+        if not self.failure:
+            self.failure = line
+            self._background.cancel()
+
     async def stop(self) -> None:
         self.stopping = True
         async with trio.open_nursery() as nursery:
@@ -458,7 +499,7 @@ class Archiver:
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            background = trio.CancelScope()
+            background = self._background
 
             async def signals_and_discovery() -> None:
                 with background:
@@ -475,6 +516,8 @@ class Archiver:
             nursery.start_soon(signals_and_discovery)
             started = await self.add(self.opts.topics)
             await fail_if_not_dialled(PROG, [a.reader for a in started], nursery)
+        if self.failure:
+            raise ToolExit(1, f"{PROG}: {self.failure}")
         return 0
 
 
