@@ -29,6 +29,9 @@ class BackendQueue(Protocol):
     def depth(self) -> int:
         """Records stored and not yet read."""
 
+    def bytes_queued(self) -> int:
+        """Bytes those records take on disk."""
+
     def empty(self) -> None:
         """Drop every record."""
 
@@ -57,6 +60,9 @@ class DummyBackendQueue:
         return None
 
     def depth(self) -> int:
+        return 0
+
+    def bytes_queued(self) -> int:
         return 0
 
     def empty(self) -> None:

@@ -94,10 +94,24 @@ class Channel:
         self._pumping = False
 
         self.paused = False
+        # held by a move into this channel (--sync-every=1): nothing is
+        # delivered until the move is on disk in full
+        self.holds = 0
         self.exiting = False
         self.message_count = 0
         self.requeue_count = 0
         self.timeout_count = 0
+        # server-side max attempts (0: off, as nsqd): a message delivered this
+        # many times is handed to on_dead_letter instead of being delivered again
+        self.max_attempts = 0
+        self.dead_letter_topic = ""
+        self.dead_letter_count = 0
+        self.on_dead_letter: Callable[[Channel, list[Message]], None] | None = None
+        # told of messages that leave for good (FIN) when the channel's topic
+        # is a dead-letter topic (its log forgets what no channel still holds)
+        self.on_finished: Callable[[Channel, Sequence[Message]], None] | None = None
+        # nsqd.dat keys of settings made through the HTTP API (settings.py)
+        self.settings: dict[str, object] = {}
         # a backend with tracked reads keeps every message on disk until FIN
         self.durable = bool(getattr(backend, "track_acks", False))
         # id -> due time (unix ns) of messages that were deferred when the
@@ -177,8 +191,11 @@ class Channel:
                 self.memory.append(m)
 
     def _requeue(self, msg: Message) -> None:
-        """A message back from a client (REQ 0, timeout, disconnect)."""
+        """A message back from a client (REQ 0, timeout, disconnect) or a due deferred one."""
         msg.client = None
+        if self.max_attempts and msg.attempts >= self.max_attempts:
+            self._dead_letter([msg])
+            return
         if len(self.memory) < self.mem_queue_size:
             self.memory.append(msg)
             return
@@ -224,6 +241,11 @@ class Channel:
                         backend.ack(token)  # type: ignore[attr-defined]
                     continue
                 msg.token = token
+                if self.max_attempts and msg.attempts >= self.max_attempts:
+                    # delivered as often as allowed before it was stored (a
+                    # restart, the bound lowered): not delivered again
+                    self._dead_letter([msg])
+                    continue
                 if note:
                     # a due time from the journal (DPUB, REQ with a delay)
                     remaining = (note - time.time_ns()) / 1e9
@@ -258,7 +280,7 @@ class Channel:
 
     def _pump(self) -> None:
         """Push queued messages to ready clients until one side runs out."""
-        if self._pumping or self.paused:
+        if self._pumping or self.paused or self.holds:
             return
         ready = self._ready
         if not ready:
@@ -333,7 +355,7 @@ class Channel:
 
     def client_ready_changed(self, client: ClientV2) -> None:
         """RDY changed or a message left the client's window."""
-        if client.can_receive() and not self.paused:
+        if client.can_receive() and not self.paused and not self.holds:
             if not client.in_ready_queue:
                 client.in_ready_queue = True
                 self._ready.append(client)
@@ -440,8 +462,10 @@ class Channel:
             now = time.time_ns()
             for msg in msgs:
                 self.e2e.add(now - msg.timestamp)
+        if self.on_finished is not None:
+            self.on_finished(self, msgs)
         want = client.ready_count - client.in_flight_count
-        if want > 0 and not self.paused and not self._pumping and not client.sample_rate and (self.memory or self.backend.depth() > 0):
+        if want > 0 and not self.paused and not self.holds and not self._pumping and not client.sample_rate and (self.memory or self.backend.depth() > 0):
             # messages are waiting, so no other client is ready and idle (the
             # pump never leaves one): this client takes the next ones, as
             # many as FIN by FIN would have handed it
@@ -458,7 +482,7 @@ class Channel:
         client.message_done()
         client.requeue_count += 1
         self.requeue_count += 1
-        if delay > 0:
+        if delay > 0 and not (self.max_attempts and msg.attempts >= self.max_attempts):
             self._defer(msg, self._clock() + delay)
         else:
             self._requeue(msg)
@@ -569,6 +593,69 @@ class Channel:
     def next_deadline(self) -> float:
         return self._next_deadline
 
+    # ------------------------------------------------------------ dead letters and moves
+
+    def _dead_letter(self, msgs: list[Message]) -> None:
+        """Messages delivered max_attempts times leave the channel (to the
+        daemon's dead-letter mover, dead_letter.py)."""
+        for msg in msgs:
+            msg.client = None
+        assert self.on_dead_letter is not None
+        self.on_dead_letter(self, msgs)
+
+    def dead_letter_failed(self, msgs: list[Message], retry: float) -> None:
+        """The dead-letter topic could not take them (its disk is full): they
+        wait here, deferred, and are moved again after ``retry`` seconds."""
+        due = self._clock() + retry
+        for msg in msgs:
+            self._defer(msg, due)
+
+    def sweep_max_attempts(self) -> None:
+        """max_attempts was set or lowered: queued and deferred messages
+        already delivered that often go now."""
+        limit = self.max_attempts
+        if not limit:
+            return
+        out = self.memory.extract(lambda m: m.attempts >= limit)
+        spent = [m for m in self.deferred.values() if m.attempts >= limit]
+        for msg in spent:
+            del self.deferred[msg.id]  # its heap entry is skipped as stale
+        if out or spent:
+            self._dead_letter(out + spent)
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        if not self.holds:
+            for client in list(self.clients.values()):
+                self.client_ready_changed(client)
+            self._pump()
+
+    def take_queued(self, limit: int) -> list[Message]:
+        """Up to ``limit`` queued messages out of the channel, to be moved
+        elsewhere (in durable mode their records stay until acknowledged)."""
+        out: list[Message] = []
+        while len(out) < limit:
+            msg = self._pop()
+            if msg is None:
+                break
+            out.append(msg)
+        return out
+
+    def put_back(self, msgs: list[Message]) -> None:
+        """Messages from ``take_queued`` that stay: queued again at the tail."""
+        for msg in msgs:
+            self._requeue(msg)
+        self._pump()
+
+    def take_back(self, msgs: list[Message]) -> None:
+        """Shutdown: messages that were on their way out (to a dead-letter
+        topic) join the memory queue, to be written to disk with the rest."""
+        for msg in msgs:
+            self.memory.append(msg)
+
     # ------------------------------------------------------------ admin
 
     def pause(self) -> None:
@@ -645,7 +732,7 @@ class Channel:
 
     def stats(self, include_clients: bool = True) -> dict[str, object]:
         clients = [c.stats() for c in self.clients.values()] if include_clients else []
-        return {
+        out = {
             "channel_name": self.name,
             "depth": self.depth(),
             "backend_depth": self.backend.depth(),
@@ -659,4 +746,10 @@ class Channel:
             "paused": self.paused,
             "e2e_processing_latency": self.e2e.result() if self.e2e is not None else {"count": 0, "percentiles": None},
         }
+        if self.max_attempts:
+            # only where the feature is on: otherwise exactly nsqd's fields
+            out["max_attempts"] = self.max_attempts
+            out["dead_letter_topic"] = self.dead_letter_topic
+            out["dead_letter_count"] = self.dead_letter_count
+        return out
 

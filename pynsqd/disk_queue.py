@@ -321,6 +321,75 @@ class DiskQueue:
         """The position key the next record will get (at least)."""
         return qj.key(self._wfn, self._wpos)
 
+    def next_keys(self, items: list[bytes]) -> list[int]:
+        """The position keys (tokens) ``put_many(items)`` will give its records."""
+        return self._keys([len(i) for i in items])
+
+    def bytes_queued(self) -> int:
+        """Bytes on disk (length prefixes included) of the records not yet
+        read: from the read position to the write position."""
+        rfn, wfn = self._rfn, self._wfn
+        if rfn == wfn:
+            return max(0, self._wpos - self._rpos)
+        ends = self._ends
+        total = ends.get(rfn, 0) - self._rpos + self._wpos
+        for num, end in ends.items():
+            if rfn < num < wfn:
+                total += end
+        return total
+
+    # ------------------------------------------------------------------ moves between queues (recovery)
+
+    def is_done(self, token: int, msg_id: bytes) -> bool:
+        """At start, before anything is read: was the record at ``token``
+        finished (read past, or acknowledged in the journal)?"""
+        if token < qj.key(self._rfn, self._rpos):
+            return True
+        return self._skip.get(token) == msg_id
+
+    def discard(self, token: int, msg_id: bytes) -> bool:
+        """At start: never serve the record at ``token`` if it is the message
+        ``msg_id`` (the other half of a move a crash cut short; kept in the
+        journal).  True if it will not be served (or is not there), False if
+        it was read already or cannot be passed over (no journal)."""
+        if token < qj.key(self._rfn, self._rpos):
+            return False
+        if self._id_at(token) != msg_id:
+            return True
+        if self._journal is None:
+            return False
+        self._skip[token] = msg_id
+        self._journal_add(qj.entry(qj.ACK, token, msg_id), token)
+        return True
+
+    def unread_ids(self) -> set[bytes]:
+        """The message ids of every record not yet read (read from the files,
+        without moving the read position)."""
+        ids: set[bytes] = set()
+        num, pos = self._rfn, self._rpos
+        while True:
+            end = self._wpos if num == self._wfn else self._ends.get(num)
+            if end is not None and pos < end:
+                try:
+                    fd = os.open(self._file(num), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        while pos + 4 <= end:
+                            head = os.pread(fd, 30, pos)
+                            n = _LEN.unpack_from(head)[0] if len(head) >= 4 else 0
+                            if len(head) < 30 or n < self._min or pos + 4 + n > end:
+                                break
+                            ids.add(head[14:30])
+                            pos += 4 + n
+                    finally:
+                        os.close(fd)
+            if num >= self._wfn:
+                return ids
+            num = min((n for n in self._ends if n > num), default=self._wfn)
+            pos = 0
+
     def _split(self, items: list[bytes], lens: list[int]) -> list[tuple[int, int, bytes]]:
         """Cut a batch at file boundaries: [(file, offset, bytes)], one write per file."""
         segs: list[tuple[int, int, bytes]] = []

@@ -12,9 +12,11 @@ from .debug import debug_routes
 from .http_server import HTTPError, Request, Response, Router, plain_text, respond
 from .metrics import metrics_endpoint
 from .options import config_value
-from .protocol import ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
+from .channel import Channel
+from .protocol import MSG_ID_LENGTH, ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
+from .settings import CHANNEL_SETTINGS, TOPIC_SETTINGS, Setting, apply_changes, parse_query
 from .stats import format_text_stats, memory_stats
-from .topic import Topic, TopicExiting
+from .topic import Topic, TopicExiting, TopicFull
 
 if TYPE_CHECKING:
     from .nsqd import NSQD
@@ -43,6 +45,12 @@ def make_router(nsqd: NSQD) -> Router:
     r.add("POST", "/channel/pause", api.channel_pause)
     r.add("POST", "/channel/unpause", api.channel_pause)
     r.add(("GET", "PUT"), "/config/*", api.config)
+    # beyond nsqd: per-topic/channel settings of the opt-in features, dead letters
+    r.add(("GET", "POST"), "/topic/settings", api.topic_settings)
+    r.add(("GET", "POST"), "/channel/settings", api.channel_settings)
+    r.add("GET", "/dead_letter/message", api.dead_letter_message)
+    r.add("GET", "/dead_letter/messages", api.dead_letter_messages)
+    r.add("POST", "/dead_letter/requeue", api.dead_letter_requeue)
     r.add("GET", "/metrics", metrics_endpoint(nsqd))
     for path, handler in debug_routes(nsqd).items():
         r.add("GET", path, handler)
@@ -80,7 +88,13 @@ class HTTPAPI:
 
     async def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
         try:
+            if topic.max_disk_bytes:
+                topic.check_disk_bound()
             topic.put_messages(msgs)
+        except TopicFull as exc:
+            # back-pressure, not a failure of the daemon: /ping stays OK
+            self.nsqd.log.debug("publish refused", topic=topic.name, reason=str(exc))
+            raise HTTPError(503, "TOPIC_FULL") from None
         except TopicExiting:
             raise HTTPError(503, "EXITING") from None
         except BackendError as exc:
@@ -238,6 +252,7 @@ class HTTPAPI:
         if channel is None:
             raise HTTPError(404, "CHANNEL_NOT_FOUND")
         channel.empty()
+        self.nsqd.dead_letters.channel_emptied(topic, channel)
         return respond(None)
 
     async def channel_pause(self, req: Request) -> Response:
@@ -262,3 +277,110 @@ class HTTPAPI:
         except KeyError:
             raise HTTPError(400, "INVALID_OPTION") from None
 
+
+    # ------------------------------------------------------------ beyond nsqd: settings
+
+    def _existing_channel(self, req: Request) -> tuple[Topic, Channel]:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        channel = topic.get_existing_channel(channel_name)
+        if channel is None:
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        return topic, channel
+
+    def _changes(self, req: Request, table: dict[str, Setting]) -> dict[str, object]:
+        """POST: the settings asked for (400 if none or one does not parse)."""
+        try:
+            changes = parse_query({k: req.arg(k) or "" for k in table if req.has_arg(k)}, table)
+        except KeyError as exc:
+            raise HTTPError(400, f"INVALID_ARG_{str(exc.args[0]).upper()}") from None
+        if not changes:
+            raise HTTPError(400, "MISSING_ARG_" + "_OR_".join(k.upper() for k in table))
+        return changes
+
+    async def topic_settings(self, req: Request) -> Response:
+        """``/topic/settings?topic=T[&max_disk_bytes=N|default]``: POST sets
+        (persisted in nsqd.dat), both answer the topic's settings in effect."""
+        topic = self.nsqd.get_existing_topic(self._topic_name(req))
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        if req.method == "POST":
+            if topic.ephemeral:
+                raise HTTPError(400, "EPHEMERAL_TOPIC")  # memory only: nothing on disk to bound
+            apply_changes(topic.settings, self._changes(req, TOPIC_SETTINGS))
+            self.nsqd.apply_topic_settings(topic)
+            self.nsqd.metadata_changed()
+            await self._persisted()
+        return respond({"max_disk_bytes": topic.max_disk_bytes, "settings": topic.settings})
+
+    async def channel_settings(self, req: Request) -> Response:
+        """``/channel/settings?topic=T&channel=C[&max_attempts=N|default][&dead_letter_topic=D|default]``."""
+        topic, channel = self._existing_channel(req)
+        if req.method == "POST":
+            changes = self._changes(req, CHANNEL_SETTINGS)
+            if changes.get("dead_letter_topic") == topic.name:
+                raise HTTPError(400, "INVALID_ARG_DEAD_LETTER_TOPIC")
+            apply_changes(channel.settings, changes)
+            self.nsqd.apply_channel_settings(topic, channel)
+            if not channel.ephemeral and not topic.ephemeral:
+                self.nsqd.metadata_changed()
+            await self._persisted()
+        return respond({
+            "max_attempts": channel.max_attempts,
+            "dead_letter_topic": channel.dead_letter_topic,
+            "settings": channel.settings,
+        })
+
+    # ------------------------------------------------------------ beyond nsqd: dead letters
+
+    def _dead_letter_topic(self, req: Request) -> Topic:
+        topic = self.nsqd.get_existing_topic(self._topic_name(req))
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        return topic
+
+    async def dead_letter_message(self, req: Request) -> Response:
+        """``GET /dead_letter/message?topic=D&id=X``: where dead letter X of topic D came from."""
+        topic = self._dead_letter_topic(req)
+        msg_id = req.arg("id")
+        if msg_id is None:
+            raise HTTPError(400, "MISSING_ARG_ID")
+        if len(msg_id.encode()) != MSG_ID_LENGTH:
+            raise HTTPError(400, "INVALID_ARG_ID")
+        origin = self.nsqd.dead_letters.lookup(topic.name, msg_id.encode())
+        if origin is None:
+            raise HTTPError(404, "MESSAGE_NOT_FOUND")
+        return respond(origin.to_json())
+
+    async def dead_letter_messages(self, req: Request) -> Response:
+        """``GET /dead_letter/messages?topic=D[&n=100]``: the origins kept for
+        topic D's dead letters, oldest first (at most n, default 100)."""
+        topic = self._dead_letter_topic(req)
+        n = _count_arg(req, 100)
+        dlq = self.nsqd.dead_letters.logs.get(topic.name)
+        entries = list(dlq.entries.values()) if dlq is not None else []
+        return respond({"count": len(entries), "messages": [o.to_json() for o in entries[:n]]})
+
+    async def dead_letter_requeue(self, req: Request) -> Response:
+        """``POST /dead_letter/requeue?topic=D[&channel=C][&n=N]``: move the
+        messages queued in dead-letter topic D (its own queue, or its channel C)
+        back into the channels they came from; answers how many moved and how
+        many stayed (origin unknown, or its channel gone)."""
+        topic = self._dead_letter_topic(req)
+        channel = None
+        if req.has_arg("channel"):
+            _, channel = self._existing_channel(req)
+        limit = _count_arg(req, 0)
+        moved, kept = await self.nsqd.dead_letters.requeue(topic, channel, limit)
+        return respond({"moved": moved, "kept": kept})
+
+
+def _count_arg(req: Request, default: int) -> int:
+    if not req.has_arg("n"):
+        return default
+    try:
+        n = int(req.arg("n") or "")
+    except ValueError:
+        raise HTTPError(400, "INVALID_ARG_N") from None
+    if n < 0:
+        raise HTTPError(400, "INVALID_ARG_N")
+    return n

@@ -10,7 +10,7 @@ so the channels of a topic share one batch without copying it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .message import Message, MessageBatch, Messages
 
@@ -116,6 +116,17 @@ class MemoryQueue:
             else:
                 yield from item[pos:]
             pos = 0
+
+    def extract(self, pred: Callable[[Message], bool]) -> list[Message]:
+        """Remove and return the single messages (not batches: never
+        delivered) for which ``pred`` is true, the rest kept in order."""
+        out = [m for m in self._items if isinstance(m, Message) and pred(m)]
+        if out:
+            taken = {id(m) for m in out}
+            # only single messages go: a batch at the head keeps its position
+            self._items = deque(m for m in self._items if id(m) not in taken)
+            self._len -= len(out)
+        return out
 
     def clear(self) -> None:
         self._items.clear()

@@ -12,7 +12,6 @@ import errno
 import fcntl
 import json
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,10 @@ import trio
 from . import NSQ_VERSION, version_string
 from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
+from .dead_letter import DeadLetters
 from .disk_queue import DiskQueue, list_data_files
+from .files import unlink_quiet as _unlink_quiet
+from .files import write_atomically as _write_atomically
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
 from .auth import Auth
@@ -35,6 +37,7 @@ from .http_server import HTTPError, Response, respond
 from .log import LEVELS, get_logger
 from .options import Options, config_value
 from .protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
+from .settings import CHANNEL_SETTINGS, TOPIC_SETTINGS, from_metadata
 from .streams import DeflateStream, SnappyStream
 from .tls import TLSRequiredRouter, build_server_context, connection_info, upgrade_server_stream
 from .topic import Topic
@@ -119,6 +122,8 @@ class NSQD:
         self.event_hooks: list[Callable[[str, Topic, Channel | None], None]] = []
         # long-running tasks of optional subsystems, started in the daemon's nursery
         self.services: list[Callable[[], Awaitable[None]]] = []
+        # server-side max attempts and the dead-letter topics (dead_letter.py)
+        self.dead_letters = DeadLetters(self)
         # nsqlookupd registration and new topics' channel pre-creation
         self.lookup = Lookup(self).install()
         if options.statsd_address:
@@ -162,6 +167,10 @@ class NSQD:
 
     def _mark_sync_due(self, backend: BackendQueue) -> None:
         self._sync_due.add(backend)
+
+    def mark_sync_due(self, item: Any) -> None:
+        """``item`` (a queue, or anything with ``prepare_sync``) is written by the next sync round."""
+        self._sync_due.add(item)
 
     def sync_pending(self) -> bool:
         """A sync is due or running: replies must wait for :meth:`sync_barrier`."""
@@ -214,11 +223,12 @@ class NSQD:
                     self._sync_due.add(backend)
             await self.sync_barrier()
 
-    def _all_backends(self) -> list[BackendQueue]:
-        out: list[BackendQueue] = []
+    def _all_backends(self) -> list[Any]:
+        out: list[Any] = []
         for topic in self.topics.values():
             out.append(topic.backend)
             out.extend(c.backend for c in topic.channels.values())
+        out.extend(self.dead_letters.logs.values())
         return out
 
     def lock_data_path(self) -> None:
@@ -253,12 +263,14 @@ class NSQD:
         for name, topic in sorted(self.topics.items()):
             if topic.ephemeral:
                 continue
+            # settings made through the HTTP API are extra keys (Go ignores
+            # them), present only once made: see settings.py
             channels = [
-                {"name": cname, "paused": c.paused}
+                {"name": cname, "paused": c.paused, **c.settings}
                 for cname, c in sorted(topic.channels.items())
                 if not c.ephemeral
             ]
-            topics.append({"name": name, "paused": topic.paused, "channels": channels})
+            topics.append({"name": name, "paused": topic.paused, "channels": channels, **topic.settings})
         return {"topics": topics, "version": NSQ_VERSION}
 
     def persist_metadata(self) -> None:
@@ -318,6 +330,8 @@ class NSQD:
                 topic = self.get_topic(name)
                 if t.get("paused"):
                     topic.pause()
+                topic.settings = self._settings_of(t, TOPIC_SETTINGS, ("name", "paused", "channels"), name)
+                self.apply_topic_settings(topic)
                 for c in t.get("channels") or []:
                     cname = c.get("name", "")
                     if not is_valid_channel_name(cname):
@@ -326,9 +340,29 @@ class NSQD:
                     channel = topic.get_channel(cname)
                     if c.get("paused"):
                         channel.pause()
+                    channel.settings = self._settings_of(c, CHANNEL_SETTINGS, ("name", "paused"), f"{name}:{cname}")
+                    self.apply_channel_settings(topic, channel)
+            self.dead_letters.recover()
         finally:
             self._loading = False
             self._data_files = None
+
+    def _settings_of(self, entry: dict[str, Any], table: Any, reserved: tuple[str, ...], where: str) -> dict[str, Any]:
+        kept, bad = from_metadata(entry, table, reserved)
+        for key in bad:
+            self.log.warning("ignoring an invalid setting in nsqd.dat", queue=where, setting=key, value=repr(entry.get(key)))
+        return kept
+
+    # ------------------------------------------------------------ settings (settings.py)
+
+    def apply_topic_settings(self, topic: Topic) -> None:
+        """The topic's settings (or the flags where it has none) take effect."""
+        topic.max_disk_bytes = 0 if topic.ephemeral else int(topic.settings.get("max_disk_bytes", self.options.max_disk_bytes_per_topic))  # type: ignore[call-overload]
+        if not topic.max_disk_bytes:
+            topic.disk_full = False
+
+    def apply_channel_settings(self, topic: Topic, channel: Channel) -> None:
+        self.dead_letters.configure(topic, channel)
 
     # ------------------------------------------------------------ config
 
@@ -424,6 +458,8 @@ class NSQD:
         )
         if not topic.ephemeral:
             topic.pending_deferrals = self._load_deferrals(name)
+        self.apply_topic_settings(topic)
+        self.dead_letters.topic_created(topic)
         self.topics[name] = topic
         self.log.info("TOPIC: created", topic=name)
         if not topic.ephemeral:
@@ -441,6 +477,7 @@ class NSQD:
         self.log.info("TOPIC: deleting", topic=name)
         topic.delete()
         _unlink_quiet(self._deferrals_path(name))
+        self.dead_letters.topic_deleted(topic)
         if not topic.ephemeral:
             self.metadata_changed()
         self._emit("topic_deleted", topic, None)
@@ -464,6 +501,7 @@ class NSQD:
             channel.pending_deferrals = self._load_deferrals(f"{topic.name}:{name}")
         self._timers[id(channel)] = timer
         self.start_soon(self._run_channel_timer, channel, timer)
+        self.dead_letters.configure(topic, channel)
         return channel
 
     def _new_latency_stream(self) -> LatencyStream | None:
@@ -504,6 +542,7 @@ class NSQD:
             timer.outer.cancel()
         if not channel.ephemeral and not topic.ephemeral and not topic.exiting:
             self.metadata_changed()
+        self.dead_letters.channel_gone(topic, channel)
         self._emit("channel_deleted", topic, channel)
 
     async def _run_channel_timer(self, channel: Channel, timer: _ChannelTimer) -> None:
@@ -655,6 +694,8 @@ class NSQD:
         """The daemon is stopping: persist metadata, move what is only in
         memory (queued, in flight, deferred) to disk, close every queue."""
         self.metadata_changed()
+        # messages on their way to a dead-letter topic stay in their channels
+        self.dead_letters.give_back()
         written = 0
         for topic in self.topics.values():
             # what a full disk kept from a channel joins that channel's memory first
@@ -678,6 +719,7 @@ class NSQD:
                 written += self._log_persisted(topic.name, topic, counts)
             except Exception:
                 self.log.exception("failed to flush topic", topic=topic.name)
+        self.dead_letters.close()
         self.log.info(f"NSQ: persisted {written} in-memory messages to disk at exit", data_path=self.data_path)
 
     def _log_persisted(self, queue: str, owner: Topic | Channel, counts: dict[str, int]) -> int:
@@ -711,30 +753,6 @@ def _run_sync_jobs(jobs: list[Callable[[], None]]) -> list[Exception]:
         except Exception as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
     return errors
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """tmp + fsync + rename (+ fsync of the directory), as nsqd writes nsqd.dat."""
-    tmp = f"{path}.{random.getrandbits(63)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _trio_clock() -> Callable[[], float]:

@@ -119,6 +119,22 @@ class Options(DaemonOptions):
         help="number of channels to check per cycle (every 100ms) for in-flight and deferred timeouts (accepted for compatibility, unused)",
     )
 
+    # beyond nsqd: off by default (README, "Dead-letter topics" and "Bounded disk")
+    max_attempts: int = flag_field(
+        0, flag="max-attempts", kind="int",
+        help="deliveries of a message a channel makes before moving it to its dead-letter topic instead of delivering it again "
+        "(0: no limit, as nsqd; per channel: POST /channel/settings?max_attempts=)",
+    )
+    dead_letter_topic: str = flag_field(
+        "%s.dead", flag="dead-letter-topic", kind="str",
+        help="the topic a channel's dead letters go to (%s: the channel's topic; per channel: POST /channel/settings?dead_letter_topic=)",
+    )
+    max_disk_bytes_per_topic: int = flag_field(
+        0, flag="max-disk-bytes-per-topic", kind="int",
+        help="bytes of queued messages a topic and its channels may hold on disk before publishes to it are refused "
+        "(0: unbounded, as nsqd; per topic: POST /topic/settings?max_disk_bytes=)",
+    )
+
     # messages and commands
     msg_timeout: float = flag_field(60.0, flag="msg-timeout", kind="duration", help="default duration to wait before auto-requeing a message")
     max_msg_timeout: float = flag_field(900.0, flag="max-msg-timeout", kind="duration", help="maximum duration before a message will timeout")
@@ -196,7 +212,7 @@ class Options(DaemonOptions):
             raise ValueError(f"--node-id must be [0,1024) (got {self.node_id})")
         if not 1 <= self.max_deflate_level <= 9:
             raise ValueError(f"--max-deflate-level must be [1,9] (got {self.max_deflate_level})")
-        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port"):
+        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port", "max_disk_bytes_per_topic"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         for name in (
@@ -205,6 +221,10 @@ class Options(DaemonOptions):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.max_attempts <= 65535:
+            raise ValueError(f"--max-attempts must be [0,65535] (got {self.max_attempts})")
+        if not self.dead_letter_topic:
+            raise ValueError("--dead-letter-topic must not be empty")
         if self.max_req_timeout < 0:
             raise ValueError("--max-req-timeout must be >= 0")
         for p in self.e2e_processing_latency_percentiles:

@@ -36,7 +36,7 @@ from .protocol import (
     is_valid_topic_name,
     parse_base10,
 )
-from .topic import Topic, TopicExiting
+from .topic import Topic, TopicExiting, TopicFull
 
 if TYPE_CHECKING:
     from .message import Messages
@@ -578,6 +578,11 @@ class ProtocolV2:
             if action is not None:
                 return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
         topic = nsqd.get_topic(topic_name)
+        if topic.max_disk_bytes:
+            try:
+                topic.check_disk_bound()
+            except TopicFull as exc:  # back-pressure: the publisher retries later
+                raise ProtocolError(code, f"{_text(cmd.name)} failed {exc}") from None
         msgs = make(topic)
         try:
             topic.put_messages(msgs)

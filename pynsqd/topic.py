@@ -40,6 +40,14 @@ class TopicExiting(Exception):
     pass
 
 
+class TopicFull(Exception):
+    """A publish refused: the topic holds its --max-disk-bytes-per-topic on disk."""
+
+
+# a full topic accepts publishes again once its bytes on disk are at most this part of its bound
+DISK_LOW_WATER = 0.9
+
+
 class Topic:
     def __init__(
         self,
@@ -87,6 +95,12 @@ class Topic:
         self.exiting = False
         self.message_count = 0
         self.message_bytes = 0
+        # bytes on disk (this queue and its channels') past which publishes
+        # are refused (0: unbounded, as nsqd); see check_disk_bound
+        self.max_disk_bytes = 0
+        self.disk_full = False
+        # nsqd.dat keys of settings made through the HTTP API (settings.py)
+        self.settings: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"Topic({self.name})"
@@ -118,6 +132,37 @@ class Topic:
 
     def can_deliver(self) -> bool:
         return bool(self.channels) and not self.paused and not self.holds
+
+    # ------------------------------------------------------------ bounded disk
+
+    def disk_bytes(self) -> int:
+        """What the bound counts: bytes of the records queued on disk, not yet
+        read, in this topic's queue and its channels' (memory, in-flight and
+        deferred messages are not counted)."""
+        return self.backend.bytes_queued() + sum([c.backend.bytes_queued() for c in self.channels.values()])
+
+    def disk_refuses(self) -> bool:
+        """Whether publishes are refused now (the full state brought up to
+        date).  The bound is checked before a publish, so one accepted publish
+        may carry the topic past it; a full topic accepts again once at most
+        DISK_LOW_WATER of the bound is on disk."""
+        limit = self.max_disk_bytes
+        used = self.disk_bytes()
+        if self.disk_full:
+            if used > limit * DISK_LOW_WATER:
+                return True
+            self.disk_full = False
+            log.info("TOPIC: below its disk bound again, accepting publishes", topic=self.name, disk_bytes=used, max_disk_bytes=limit)
+        elif used >= limit:
+            self.disk_full = True
+            log.warning("TOPIC: disk bound reached, refusing publishes", topic=self.name, disk_bytes=used, max_disk_bytes=limit)
+            return True
+        return False
+
+    def check_disk_bound(self) -> None:
+        """Before a publish (when max_disk_bytes is set): TopicFull if refused."""
+        if self.disk_refuses():
+            raise TopicFull(f"topic {self.name} is full ({self.disk_bytes()} bytes on disk, bound {self.max_disk_bytes})")
 
     def put_messages(self, msgs: Messages) -> None:
         """Accept published messages; raises TopicExiting or BackendError
@@ -261,6 +306,56 @@ class Topic:
     def stalled(self) -> bool:
         return bool(self._stall)
 
+    # ------------------------------------------------------------ moving messages out (dead-letter requeue)
+
+    def take_backlog(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages of the topic's own queue, to be moved
+        elsewhere (call while held, so no drain runs meanwhile; in durable
+        mode their records stay until acknowledged)."""
+        out: list[Message] = []
+        if self._stall:
+            return out  # owed to channels already
+        backend = self.backend
+        while len(out) < limit:
+            if self.memory:
+                out += self.memory.pop_many(limit - len(out))
+                continue
+            if backend.depth() <= 0:
+                break
+            token = None
+            if self.durable:
+                item = backend.get_tracked()  # type: ignore[attr-defined]
+                if item is None:
+                    break
+                data, token, _ = item
+            else:
+                data = backend.get()
+                if data is None:
+                    break
+            try:
+                msg = Message.decode(data)
+            except ValueError:
+                log.error("failed to decode message from backend", topic=self.name)
+                if token is not None:
+                    backend.ack(token)  # type: ignore[attr-defined]
+                continue
+            msg.token = token
+            out.append(msg)
+        return out
+
+    def put_back(self, msgs: list[Message]) -> None:
+        """Messages from ``take_backlog`` that stay: queued again at the tail."""
+        if not msgs:
+            return
+        tokens = [m.token for m in msgs]
+        if any(t is not None for t in tokens):
+            # each record stored again in place of the one read (durable mode)
+            self.backend.put_again([m.encode() for m in msgs], tokens)  # type: ignore[attr-defined]
+        else:
+            self._store(msgs)
+        for m in msgs:
+            m.token = None
+
     def settle_stall(self) -> None:
         """Shutdown: the channels still owed a stalled batch take it into memory
         (flushed with the rest).  Durable mode: the batch is still unacknowledged
@@ -377,7 +472,7 @@ class Topic:
             for name, c in sorted(self.channels.items())
             if channel_filter is None or name == channel_filter
         ]
-        return {
+        out = {
             "topic_name": self.name,
             "channels": channels,
             "depth": self.depth(),
@@ -387,6 +482,15 @@ class Topic:
             "paused": self.paused,
             "e2e_processing_latency": _aggregate_e2e([c.e2e for c in self.channels.values()]),
         }
+        if self.max_disk_bytes:
+            # only where the bound is on: otherwise exactly nsqd's fields
+            for entry in channels:
+                entry["backend_bytes"] = self.channels[entry["channel_name"]].backend.bytes_queued()  # type: ignore[index]
+            out["backend_bytes"] = self.backend.bytes_queued()
+            out["disk_bytes"] = self.disk_bytes()
+            out["max_disk_bytes"] = self.max_disk_bytes
+            out["disk_full"] = self.disk_refuses()
+        return out
 
 
 def _aggregate_e2e(streams: list[LatencyStream | None]) -> dict[str, object]:

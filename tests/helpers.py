@@ -541,3 +541,13 @@ def wait_drained(nsqd: Daemon, topic: str, channel: str, timeout: float = 120) -
         return c["depth"] == 0 and c["in_flight_count"] == 0 and c["deferred_count"] == 0
 
     wait_for(drained, timeout=timeout, interval=0.1, message=f"{topic}/{channel} drained")
+
+
+PYNSQ_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pynsq_driver.py")
+
+
+def run_pynsq(*args: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Run tests/pynsq_driver.py (the official pynsq client) to completion: its JSON events."""
+    proc = subprocess.run([sys.executable, PYNSQ_DRIVER, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
