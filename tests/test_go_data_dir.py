@@ -1,10 +1,14 @@
 """Data directories moved between Go nsqd 1.3.0 and pynsqd with the real
 binary, both ways (issue 11, defect 6): queues spilled to disk on topics and
 channels, messages in flight and deferred at SIGTERM, a paused topic and a
-paused channel.  Every message is counted out of the other daemon, once."""
+paused channel.  Every message is counted out of the other daemon, once.
+The directory pynsqd leaves, its opt-in features (issue 14) off as by
+default, has Go's shapes: nsqd.dat's keys and the file set."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
 
@@ -92,6 +96,24 @@ def count_out(d: Daemon, topic: str, channel: str, expected: set[bytes]) -> None
     c.close()
 
 
+# what a deployment that never turned pynsqd's opt-in features on leaves in
+# its data path (issue 14): Go's files, plus deferral times beside a queue
+# (issue 11, read by pynsqd only)
+GO_FILES = re.compile(r"^(nsqd\.dat|.+\.diskqueue\.(meta|\d{6})\.dat|.+\.pynsqd-deferred\.json)$")
+
+
+def assert_nsqd_shapes(path) -> None:
+    """nsqd.dat and the file set exactly as Go nsqd 1.3.0 writes them."""
+    meta = json.loads((path / "nsqd.dat").read_bytes())
+    assert set(meta) == {"topics", "version"}
+    for t in meta["topics"]:
+        assert set(t) == {"name", "paused", "channels"}, t
+        for c in t["channels"]:
+            assert set(c) == {"name", "paused"}, c
+    strays = [f.name for f in path.iterdir() if not GO_FILES.match(f.name)]
+    assert strays == []
+
+
 @pytest.mark.parametrize("writer,reader", [("go-nsqd", "pynsqd"), ("pynsqd", "go-nsqd")])
 def test_a_data_directory_moves_between_go_nsqd_and_pynsqd(tmp_path, writer, reader):
     w = start(writer, str(tmp_path))
@@ -99,6 +121,8 @@ def test_a_data_directory_moves_between_go_nsqd_and_pynsqd(tmp_path, writer, rea
         expected = fill(w)
     finally:
         w.kill()  # (stopped by fill: this only cleans up after a failure)
+    # either daemon, the features off (pynsqd's defaults): the same shapes
+    assert_nsqd_shapes(tmp_path)
     d = start(reader, str(tmp_path))
     try:
         topics = {t["topic_name"]: t for t in d.stats()["topics"]}
