@@ -229,14 +229,19 @@ class DeadLetterLog:
         rewrite = self._rewrite
         if rewrite is not None and rewrite[1] is not None:
             self._swap(rewrite)
-        elif rewrite is None and self._lines > 2 * (len(self.entries) + len(self.moving_back)) + _COMPACT_SLACK:
-            rewrite = self._rewrite = [f"{self.path}.{random.getrandbits(62)}.tmp", None]
-            self._since = []
-            snapshot = self._snapshot()
-            return lambda: self._write_new(rewrite, snapshot)
         fd = os.dup(self._fd) if self._fd is not None and self._unsynced else None
         self._unsynced = False
         dir_dirty, self._dir_dirty = self._dir_dirty, False
+        if rewrite is None and self._lines > 2 * (len(self.entries) + len(self.moving_back)) + _COMPACT_SLACK:
+            new = self._rewrite = [f"{self.path}.{random.getrandbits(62)}.tmp", None]
+            self._since = []
+            snapshot = self._snapshot()
+
+            def job() -> None:
+                self._fsync(fd, dir_dirty)
+                self._write_new(new, snapshot)
+
+            return job
         return lambda: self._fsync(fd, dir_dirty)
 
     def _snapshot(self) -> bytes:
@@ -493,15 +498,15 @@ class DeadLetters:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            waiting, self._waiting = self._waiting, []
-            by_channel: dict[Channel, list[Message]] = {}
-            for channel, msgs in waiting:
-                by_channel.setdefault(channel, []).extend(msgs)
-            for channel, msgs in by_channel.items():
-                # a move, once begun, completes: shutdown waits for it
-                with trio.CancelScope(shield=True):
-                    async with self._move_lock():
-                        await self._move_to_dead_letter_topic(channel, msgs)
+            # shutdown stops here; what still waits stays in its channel (give_back)
+            await trio.lowlevel.checkpoint()
+            channel = self._waiting[0][0]
+            msgs = [m for c, batch in self._waiting if c is channel for m in batch]
+            self._waiting = [(c, batch) for c, batch in self._waiting if c is not channel]
+            # a move, once begun, completes: shutdown waits for it
+            with trio.CancelScope(shield=True):
+                async with self._move_lock():
+                    await self._move_to_dead_letter_topic(channel, msgs)
 
     def _move_lock(self) -> trio.Lock:
         if self._lock is None:
@@ -577,17 +582,18 @@ class DeadLetters:
         into the channels they came from.  Returns (moved, kept): a message
         whose origin is unknown or whose channel no longer exists stays."""
         moved = kept = 0
-        with trio.CancelScope(shield=True):
-            async with self._move_lock():
-                source: Topic | Channel = topic if channel is None else channel
-                remaining = limit if limit > 0 else source.depth()
-                while remaining > 0 and not source.exiting:
+        source: Topic | Channel = topic if channel is None else channel
+        remaining = limit if limit > 0 else source.depth()
+        while remaining > 0 and not source.exiting:
+            await trio.lowlevel.checkpoint()  # shutdown stops between steps
+            with trio.CancelScope(shield=True):  # ... never inside one
+                async with self._move_lock():
                     m, k = await self._move_back(topic, channel, min(remaining, REQUEUE_STEP))
-                    moved += m
-                    kept += k
-                    remaining -= m + k
-                    if m + k == 0:
-                        break
+            moved += m
+            kept += k
+            remaining -= m + k
+            if m + k == 0:
+                break
         return moved, kept
 
     async def _move_back(self, topic: Topic, channel: Channel | None, limit: int) -> tuple[int, int]:

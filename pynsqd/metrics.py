@@ -39,6 +39,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_topic_e2e_processing_latency_seconds": (
         "gauge", "Publish-to-FIN latency percentile over all the topic's channels, in the e2e window."),
     "nsqd_topic_e2e_processing_latency_samples": ("gauge", "FINished messages in the topic's e2e window."),
+    # only for topics with a disk bound (--max-disk-bytes-per-topic, /topic/settings)
+    "nsqd_topic_disk_bytes": ("gauge", "Bytes of messages the topic and its channels hold queued on disk (what the bound counts)."),
+    "nsqd_topic_max_disk_bytes": ("gauge", "The topic's disk bound: publishes are refused past it."),
+    "nsqd_topic_disk_full": ("gauge", "1 while the topic refuses publishes (its disk bound reached, not yet back to 90%)."),
     "nsqd_channel_depth": ("gauge", "Messages queued in the channel (memory + disk)."),
     "nsqd_channel_backend_depth": ("gauge", "Messages of the channel queued on disk."),
     "nsqd_channel_in_flight": ("gauge", "Messages sent to consumers and not yet finished."),
@@ -50,6 +54,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_channel_paused": ("gauge", "1 if the channel is paused."),
     "nsqd_channel_e2e_processing_latency_seconds": ("gauge", "Publish-to-FIN latency percentile of the channel, in the e2e window."),
     "nsqd_channel_e2e_processing_latency_samples": ("gauge", "FINished messages in the channel's e2e window."),
+    # only for channels with server-side max attempts (--max-attempts, /channel/settings)
+    "nsqd_channel_dead_lettered_total": ("counter", "Messages moved to the channel's dead-letter topic after max attempts."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
 }
@@ -138,6 +144,10 @@ def render_metrics(
         exp.add("nsqd_topic_paused", bool(t["paused"]), topic=topic)
         exp.add("nsqd_topic_channels", len(t["channels"]), topic=topic)
         _latency(exp, "nsqd_topic_e2e_processing_latency", t.get("e2e_processing_latency"), topic=topic)
+        if "max_disk_bytes" in t:
+            exp.add("nsqd_topic_disk_bytes", t["disk_bytes"], topic=topic)
+            exp.add("nsqd_topic_max_disk_bytes", t["max_disk_bytes"], topic=topic)
+            exp.add("nsqd_topic_disk_full", bool(t["disk_full"]), topic=topic)
         for c in t["channels"]:
             labels = {"topic": topic, "channel": c["channel_name"]}
             exp.add("nsqd_channel_depth", c["depth"], **labels)
@@ -150,6 +160,8 @@ def render_metrics(
             exp.add("nsqd_channel_clients", c["client_count"], **labels)
             exp.add("nsqd_channel_paused", bool(c["paused"]), **labels)
             _latency(exp, "nsqd_channel_e2e_processing_latency", c.get("e2e_processing_latency"), **labels)
+            if "dead_letter_count" in c:
+                exp.add("nsqd_channel_dead_lettered_total", c["dead_letter_count"], **labels)
     exp.add("process_resident_memory_bytes", rss_bytes)
     exp.add("process_start_time_seconds", start_time)
     return exp.render()

@@ -77,16 +77,20 @@ def format_text_stats(nsqd: NSQD, stats: dict[str, Any], mem: dict[str, int] | N
     out.append("\nTopics: None\n" if not topics else "\nTopics:")
     for t in topics:
         prefix = "*P " if t["paused"] else "   "
+        # pynsqd's opt-in features add to a line only where they are on
+        disk = f" disk: {t['disk_bytes']}/{t['max_disk_bytes']}{' FULL' if t['disk_full'] else ''}" if "max_disk_bytes" in t else ""
         out.append(
             f"\n{prefix}[{t['topic_name']:<15}] depth: {t['depth']:<5} be-depth: {t['backend_depth']:<5} "
-            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}\n"
+            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}{disk}\n"
         )
         for c in t["channels"]:
             cprefix = "   *P " if c["paused"] else "      "
             out.append(
                 f"{cprefix}[{c['channel_name']:<25}] depth: {c['depth']:<5} be-depth: {c['backend_depth']:<5} "
                 f"inflt: {c['in_flight_count']:<4} def: {c['deferred_count']:<4} re-q: {c['requeue_count']:<5} "
-                f"timeout: {c['timeout_count']:<5} msgs: {c['message_count']:<8} e2e%: {format_e2e(c['e2e_processing_latency'])}\n"
+                f"timeout: {c['timeout_count']:<5} msgs: {c['message_count']:<8} e2e%: {format_e2e(c['e2e_processing_latency'])}"
+                + (f" dead: {c['dead_letter_count']}" if "dead_letter_count" in c else "")
+                + "\n"
             )
             for cl in c["clients"]:
                 out.append(

@@ -905,6 +905,7 @@ class DiskQueueMachine(RuleBasedStateMachine):
     def depth_matches(self) -> None:
         if self.q is not None:
             assert self.q.depth() == len(self.log) - self.read
+            assert self.q.bytes_queued() == sum(4 + len(r) for r in self.log[self.read :])
             assert self.q.healthy
 
     def teardown(self) -> None:

@@ -296,3 +296,41 @@ def test_journal_is_compacted_once_the_read_position_passes_its_facts(tmp_path):
     assert sum(p.stat().st_size for p in files) < 1024, [(p.name, p.stat().st_size) for p in files]
     q.close()
     assert drain(open_queue(str(tmp_path), max_bytes=1 << 20)) == []
+
+
+def test_the_two_halves_of_a_move_cut_short_by_a_crash(tmp_path):
+    """What dead_letter.py's recovery relies on: the keys a batch will get,
+    whether a record was let go, and discarding an unread one for good."""
+    q = open_queue(str(tmp_path))
+    q.put_many([record(i) for i in range(4)])
+    batch = [record(i) for i in range(4, 8)]
+    keys = q.next_keys(batch)
+    q.put_many(batch)
+    got = [q.get_tracked() for _ in range(8)]
+    assert [token for _, token, _ in got[4:]] == keys
+    q.ack(got[0][1])  # the read position moves past record 0
+    q.ack(got[2][1])  # behind an unfinished one: in the journal
+    q.sync()
+    q2 = open_queue(str(tmp_path))  # after a crash, before anything is read
+    ids = [data[10:26] for data, _, _ in got]
+    assert q2.is_done(got[0][1], ids[0]) and q2.is_done(got[2][1], ids[2])
+    assert not q2.is_done(got[1][1], ids[1]) and not q2.is_done(keys[0], ids[4])
+    assert q2.unread_ids() == set(ids[1:])  # (record 2 is skipped when read, not before)
+    assert q2.discard(keys[1], ids[5]) is True
+    assert q2.discard(keys[2], b"0" * 16) is True  # not that message there: nothing to do
+    assert q2.discard(got[0][1], ids[0]) is False  # read past already
+    q2.sync()
+    q3 = open_queue(str(tmp_path))  # the discard is durable
+    assert [index(b) for b in drain(q3)] == [1, 3, 4, 6, 7]
+    q3.close()
+
+
+def test_bytes_queued_counts_the_unread_records_across_files(tmp_path):
+    q = open_queue(str(tmp_path), max_bytes=100)
+    recs = [record(i) for i in range(10)]  # 38-39 bytes each: a file holds two
+    q.put_many(recs)
+    assert q.bytes_queued() == sum(4 + len(r) for r in recs)
+    for i in range(5):
+        q.get()
+        assert q.bytes_queued() == sum(4 + len(r) for r in recs[i + 1 :])
+    q.close()

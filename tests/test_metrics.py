@@ -59,7 +59,11 @@ def stats_with(topic_name: str, channel_name: str) -> list[dict]:
 
 
 def test_render_parses_with_help_types_and_escaped_labels() -> None:
-    text = render_metrics(stats_with(WEIRD, "ch"), version="1.3.0", healthy=True, clients=3, rss_bytes=12345, start_time=1700000000.0)
+    stats = stats_with(WEIRD, "ch")
+    # the opt-in features' fields, present where they are on (issue 14)
+    stats[0].update(disk_bytes=2600, max_disk_bytes=4096, disk_full=False)
+    stats[0]["channels"][0].update(max_attempts=5, dead_letter_topic="x.dead", dead_letter_count=7)
+    text = render_metrics(stats, version="1.3.0", healthy=True, clients=3, rss_bytes=12345, start_time=1700000000.0)
     fams = families(text)
     # one HELP and one TYPE per family, before its samples
     for name, (typ, help_text) in FAMILIES.items():
@@ -88,6 +92,8 @@ def test_render_parses_with_help_types_and_escaped_labels() -> None:
     assert got[("nsqd_channel_e2e_processing_latency_seconds", (("channel", "ch"), ("quantile", "0.99"), ("topic", WEIRD)))] == pytest.approx(0.0025)
     assert got[("nsqd_topic_e2e_processing_latency_seconds", (("quantile", "0.5"), ("topic", WEIRD)))] == pytest.approx(0.001)
     assert got[("nsqd_channel_e2e_processing_latency_samples", tc)] == 4
+    assert (got[("nsqd_topic_disk_bytes", t)], got[("nsqd_topic_max_disk_bytes", t)], got[("nsqd_topic_disk_full", t)]) == (2600, 4096, 0)
+    assert got[("nsqd_channel_dead_lettered_total", tc)] == 7
     assert got[("nsqd_info", (("version", "1.3.0"),))] == 1
     assert got[("nsqd_healthy", ())] == 1
     assert got[("nsqd_clients", ())] == 3
@@ -105,6 +111,7 @@ def test_no_e2e_no_latency_samples_and_empty_daemon() -> None:
     stats[0]["channels"][0]["e2e_processing_latency"] = {"count": 0, "percentiles": None}
     text = render_metrics(stats, version="1.3.0", healthy=False, clients=0, rss_bytes=1, start_time=0.0)
     assert "e2e" not in text
+    assert "_disk_" not in text and "dead_letter" not in text  # features off: none of their families
     assert samples(text)[("nsqd_healthy", ())] == 0
     empty = render_metrics([], version="1.3.0", healthy=True, clients=0, rss_bytes=1, start_time=0.0)
     assert samples(empty)[("nsqd_topics", ())] == 0
