@@ -636,13 +636,7 @@ class Channel:
     def take_queued(self, limit: int) -> list[Message]:
         """Up to ``limit`` queued messages out of the channel, to be moved
         elsewhere (in durable mode their records stay until acknowledged)."""
-        out: list[Message] = []
-        while len(out) < limit:
-            msg = self._pop()
-            if msg is None:
-                break
-            out.append(msg)
-        return out
+        return self._pop_many(limit)
 
     def put_back(self, msgs: list[Message]) -> None:
         """Messages from ``take_queued`` that stay: queued again at the tail."""

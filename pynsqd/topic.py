@@ -275,23 +275,14 @@ class Topic:
         topic position of each (for the channels' marks)."""
         batch: list[Message] = []
         positions: list[int] | None = [] if self.durable else None
-        backend = self.backend
-        while len(batch) < limit and backend.depth() > 0:
-            note = 0
-            if self.durable:
-                item = backend.get_tracked()  # type: ignore[attr-defined]
-                if item is None:
-                    break
-                data, token, note = item
+        while len(batch) < limit and self.backend.depth() > 0:
+            item = self._get_backend()
+            if item is None:
+                break
+            msg, token, note = item
+            if token is not None:
                 self.drained_tokens.append(token)
-            else:
-                data = backend.get()
-                if data is None:
-                    break
-            try:
-                msg = Message.decode(data)
-            except ValueError:
-                log.error("failed to decode message from backend", topic=self.name)
+            if msg is None:
                 continue
             if note:
                 msg.deferred = note / 1e9
@@ -301,6 +292,27 @@ class Topic:
                 positions.append(token)
             batch.append(msg)
         return batch, (positions or None)
+
+    def _get_backend(self) -> tuple[Message | None, int | None, int] | None:
+        """The backend's next record as (message, or None if it does not
+        decode; its token and note in durable mode), None when empty."""
+        backend = self.backend
+        token = None
+        note = 0
+        if self.durable:
+            item = backend.get_tracked()  # type: ignore[attr-defined]
+            if item is None:
+                return None
+            data, token, note = item
+        else:
+            data = backend.get()
+            if data is None:
+                return None
+        try:
+            return Message.decode(data), token, note
+        except ValueError:
+            log.error("failed to decode message from backend", topic=self.name)
+            return None, token, note
 
     @property
     def stalled(self) -> bool:
@@ -315,29 +327,17 @@ class Topic:
         out: list[Message] = []
         if self._stall:
             return out  # owed to channels already
-        backend = self.backend
         while len(out) < limit:
             if self.memory:
                 out += self.memory.pop_many(limit - len(out))
                 continue
-            if backend.depth() <= 0:
+            item = self._get_backend() if self.backend.depth() > 0 else None
+            if item is None:
                 break
-            token = None
-            if self.durable:
-                item = backend.get_tracked()  # type: ignore[attr-defined]
-                if item is None:
-                    break
-                data, token, _ = item
-            else:
-                data = backend.get()
-                if data is None:
-                    break
-            try:
-                msg = Message.decode(data)
-            except ValueError:
-                log.error("failed to decode message from backend", topic=self.name)
+            msg, token, _ = item
+            if msg is None:
                 if token is not None:
-                    backend.ack(token)  # type: ignore[attr-defined]
+                    self.backend.ack(token)  # type: ignore[attr-defined]
                 continue
             msg.token = token
             out.append(msg)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import RawClient, channel_stats, create_channel, drain, run_pynsq, start_nsqd
+from pynsqd.client import PublishError, SyncWriter
 from pynsqd.protocol import FRAME_TYPE_ERROR, encode_mpub_body
 
 BODY = 100
@@ -70,7 +73,7 @@ def topic_entry(d, topic: str) -> dict:
     return next(t for t in d.stats(topic)["topics"] if t["topic_name"] == topic)
 
 
-def test_publishes_are_refused_at_the_bound_and_accepted_again_below_the_low_water_mark(tmp_path):
+def test_publishes_are_refused_at_the_bound_and_accepted_again_below_the_low_water_mark(tmp_path, caplog):
     d = start_nsqd(str(tmp_path), "--mem-queue-size=0", "--max-disk-bytes-per-topic=20000")
     try:
         create_channel(d, "full", "c")
@@ -81,6 +84,12 @@ def test_publishes_are_refused_at_the_bound_and_accepted_again_below_the_low_wat
         assert [e.split(b" ")[0] for e in refused(d, "full")] == [b"E_MPUB_FAILED", b"E_DPUB_FAILED", b"E_PUB_FAILED"]
         events = run_pynsq("write", "full", "5", "--nsqd", d.tcp_address)
         assert events[-1]["acked"] == 0 and events[-1]["errors"] == 5
+        # our Writer retries a refused publish until its publish_timeout
+        writer = SyncWriter([d.tcp_address], publish_timeout=0.5)
+        with pytest.raises(PublishError):
+            writer.pub("full", b"s" * BODY)
+        writer.close(timeout=0.1)  # (its last try may still be on the wire)
+        assert any("E_PUB_FAILED PUB failed topic full is full" in r.getMessage() for r in caplog.records)
         assert d.http("GET", "/ping") == (200, b"OK")  # back-pressure, not ill health
         t = topic_entry(d, "full")
         assert (t["disk_bytes"], t["max_disk_bytes"], t["disk_full"], t["backend_bytes"]) == (154 * RECORD, 20000, True, 0)
@@ -106,12 +115,14 @@ def test_publishes_are_refused_at_the_bound_and_accepted_again_below_the_low_wat
             assert p.pub("full", body("b", 0)).data == b"OK"
         events = run_pynsq("write", "full", "10", "--nsqd", d.tcp_address, "--prefix", "pynsq-")
         assert events[-1] == {"event": "done", "acked": 10, "errors": 0}
+        with SyncWriter([d.tcp_address]) as writer:
+            writer.mpub("full", [b"sync-%d" % i for i in range(3)])
         assert topic_entry(d, "full")["disk_full"] is False
 
         rest = drain(d, "full", "c")
         out = first + rest
-        assert len(out) == len(set(out)) == 154 + 1 + 10  # nothing accepted lost, nothing twice
-        assert set(out) == set(accepted) | {body("b", 0)} | {f"pynsq-{i}".encode() for i in range(10)}
+        assert len(out) == len(set(out)) == 154 + 1 + 10 + 3  # nothing accepted lost, nothing twice
+        assert set(out) == set(accepted) | {body("b", 0)} | {f"pynsq-{i}".encode() for i in range(10)} | {b"sync-%d" % i for i in range(3)}
     finally:
         d.stop()
 
