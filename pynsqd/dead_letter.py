@@ -109,7 +109,7 @@ class DeadLetterLog:
 
     Lines: an origin (``"move": [source key, destination key]`` while its
     move is pending), ``{"done": id}`` (that move committed), ``{"back": id,
-    "from": queue, "move": [...], "to_id": id}`` (a move back pending),
+    "from": queue, "to": queue, "move": [...], "to_id": id}`` (a move back pending),
     ``{"out": id}`` (that move committed), ``{"drop": id}`` (the entry is
     gone).  Lines are written on the event loop -- at once with
     :meth:`write_now` where a crash must find them before the data they
@@ -125,8 +125,8 @@ class DeadLetterLog:
         self.entries: dict[bytes, Origin] = {}
         # pending moves (durable mode): into the topic, id -> (source key, key here)
         self.moving_in: dict[bytes, tuple[int, int]] = {}
-        # ... and back out of it: id -> (source queue, source key, destination key, id there)
-        self.moving_back: dict[bytes, tuple[str, int, int, bytes]] = {}
+        # ... and back out of it: id -> (source queue, source key, destination queue, key there, id there)
+        self.moving_back: dict[bytes, tuple[str, int, str, int, bytes]] = {}
         self._buf: list[bytes] = []
         self._lines = 0  # lines in the file
         self._size = 0  # its size as written (a failed write is cut back to it)
@@ -167,7 +167,7 @@ class DeadLetterLog:
             self.moving_in.pop(d["done"].encode(), None)
         elif "back" in d:
             src_key, dst_key = d["move"]
-            self.moving_back[d["back"].encode()] = (str(d["from"]), int(src_key), int(dst_key), d["to_id"].encode())
+            self.moving_back[d["back"].encode()] = (str(d["from"]), int(src_key), str(d["to"]), int(dst_key), d["to_id"].encode())
         elif "out" in d:
             self.moving_back.pop(d["out"].encode(), None)
         else:
@@ -252,8 +252,8 @@ class DeadLetterLog:
             if moving is not None:
                 d["move"] = list(moving)
             lines.append(d)
-        for key, (src, src_key, dst_key, to_id) in self.moving_back.items():
-            lines.append({"back": key.decode(), "from": src, "move": [src_key, dst_key], "to_id": to_id.decode()})
+        for key, (src, src_key, dst, dst_key, to_id) in self.moving_back.items():
+            lines.append({"back": key.decode(), "from": src, "to": dst, "move": [src_key, dst_key], "to_id": to_id.decode()})
         return b"".join(json.dumps(d, separators=(",", ":")).encode() + b"\n" for d in lines)
 
     def _fsync(self, fd: int | None, dir_dirty: bool) -> None:
@@ -360,8 +360,8 @@ class DeadLetterLog:
     def moved_in(self, key: bytes) -> None:
         self._append({"done": key.decode()})
 
-    def moving_out(self, key: bytes, source: str, src_key: int, dst_key: int, to_id: bytes) -> None:
-        self._append({"back": key.decode(), "from": source, "move": [src_key, dst_key], "to_id": to_id.decode()})
+    def moving_out(self, key: bytes, source: str, src_key: int, dest: str, dst_key: int, to_id: bytes) -> None:
+        self._append({"back": key.decode(), "from": source, "to": dest, "move": [src_key, dst_key], "to_id": to_id.decode()})
 
     def moved_out(self, key: bytes) -> None:
         if key in self.moving_back:
@@ -576,11 +576,12 @@ class DeadLetters:
     def _target(self, channel: Channel) -> str:
         return self.nsqd.options.dead_letter_topic.replace("%s", channel.topic_name)
 
-    async def requeue(self, topic: Topic, channel: Channel | None, limit: int) -> tuple[int, int]:
+    async def requeue(self, topic: Topic, channel: Channel | None, limit: int, to_topic: bool = False) -> tuple[int, int]:
         """``POST /dead_letter/requeue``: move up to ``limit`` messages queued
         in the dead-letter topic (its own queue, or one of its channels) back
-        into the channels they came from.  Returns (moved, kept): a message
-        whose origin is unknown or whose channel no longer exists stays."""
+        into the channels they came from (``to_topic``: their topics, so to
+        every channel).  Returns (moved, kept): a message whose origin is
+        unknown or whose channel (topic) no longer exists stays."""
         moved = kept = 0
         source: Topic | Channel = topic if channel is None else channel
         remaining = limit if limit > 0 else source.depth()
@@ -588,7 +589,7 @@ class DeadLetters:
             await trio.lowlevel.checkpoint()  # shutdown stops between steps
             with trio.CancelScope(shield=True):  # ... never inside one
                 async with self._move_lock():
-                    m, k = await self._move_back(topic, channel, min(remaining, REQUEUE_STEP))
+                    m, k = await self._move_back(topic, channel, min(remaining, REQUEUE_STEP), to_topic)
             moved += m
             kept += k
             remaining -= m + k
@@ -596,7 +597,7 @@ class DeadLetters:
                 break
         return moved, kept
 
-    async def _move_back(self, topic: Topic, channel: Channel | None, limit: int) -> tuple[int, int]:
+    async def _move_back(self, topic: Topic, channel: Channel | None, limit: int, to_topic: bool) -> tuple[int, int]:
         nsqd = self.nsqd
         dlq = self.logs.get(topic.name)
         if channel is None:
@@ -605,18 +606,18 @@ class DeadLetters:
             source: Topic | Channel = topic if channel is None else channel
             msgs = source.take_queued(limit) if isinstance(source, Channel) else source.take_backlog(limit)
             keep: list[Message] = []
-            groups: dict[Channel, list[tuple[Message, Origin]]] = {}
+            groups: dict[Topic | Channel, list[tuple[Message, Origin]]] = {}
             for m in msgs:
                 origin = dlq.entries.get(m.id) if dlq is not None else None
-                dest = self._origin_channel(origin) if origin is not None else None
+                dest = self._queue(origin.topic if to_topic else f"{origin.topic}:{origin.channel}") if origin is not None else None
                 if dest is None:
                     keep.append(m)
                 else:
                     groups.setdefault(dest, []).append((m, origin))  # type: ignore[arg-type]
-            source_name = topic.name if channel is None else f"{topic.name}:{channel.name}"
-            written: list[tuple[Channel, list[tuple[Message, Origin]], bool]] = []
+            source_name = _queue_name(source)
+            written: list[tuple[Topic | Channel, list[tuple[Message, Origin]], bool]] = []
             for dest, items in groups.items():
-                dest_topic = nsqd.topics[dest.topic_name]
+                dest_topic = dest if isinstance(dest, Topic) else nsqd.topics[dest.topic_name]
                 ids = dest_topic.guid.new_ids(len(items))
                 fresh = [Message(i, m.body, m.timestamp, 0) for i, (m, _) in zip(ids, items)]
                 durable = dest.durable and source.durable and dlq is not None
@@ -629,17 +630,17 @@ class DeadLetters:
                         keys = dest.backend.next_keys([m.encode() for m in fresh])  # type: ignore[attr-defined]
                         for (m, origin), key, new in zip(items, keys, fresh):
                             if m.token is not None:
-                                dlq.moving_out(origin.id, source_name, m.token, key, new.id)
+                                dlq.moving_out(origin.id, source_name, m.token, _queue_name(dest), key, new.id)
                                 noted.append(origin.id)
                         dlq.write_now()
                     dest.put_messages(fresh)
-                except (BackendError, ChannelExiting) as exc:
+                except (BackendError, ChannelExiting, TopicExiting) as exc:
                     if durable:
                         dest.release()
                     if dlq is not None:
                         for key in noted:
                             dlq.moved_out(key)  # (its copy was never written)
-                    log.error("cannot move dead letters back, kept", topic=dest.topic_name, channel=dest.name, error=str(exc))
+                    log.error("cannot move dead letters back, kept", queue=_queue_name(dest), error=str(exc))
                     keep.extend(m for m, _ in items)
                     continue
                 written.append((dest, items, durable))
@@ -650,7 +651,7 @@ class DeadLetters:
             held = [dest for dest, _, durable in written if durable]
             try:
                 if held:
-                    await nsqd.sync_barrier()  # the messages in their channels, the moves noted
+                    await nsqd.sync_barrier()  # the messages where they go, the moves noted
                     for _, items, _ in written:
                         for m, _ in items:
                             if m.token is not None:
@@ -675,10 +676,18 @@ class DeadLetters:
                 topic.release()
 
     def _origin_channel(self, origin: Origin) -> Channel | None:
-        topic = self.nsqd.topics.get(origin.topic)
+        channel = self._queue(f"{origin.topic}:{origin.channel}")
+        return channel if isinstance(channel, Channel) else None
+
+    def _queue(self, name: str) -> Topic | Channel | None:
+        """The live topic ``T`` or channel ``T:C`` (the names of their disk queues)."""
+        topic_name, _, channel_name = name.partition(":")
+        topic = self.nsqd.topics.get(topic_name)
         if topic is None or topic.exiting:
             return None
-        channel = topic.channels.get(origin.channel)
+        if not channel_name:
+            return topic
+        channel = topic.channels.get(channel_name)
         return None if channel is None or channel.exiting else channel
 
     # ------------------------------------------------------------ start and stop
@@ -707,18 +716,17 @@ class DeadLetters:
                 del dlq.entries[key]
                 undone += 1
             dlq.moving_in.clear()
-            for key, (src_name, src_key, dst_key, to_id) in list(dlq.moving_back.items()):
-                source_queue = topic if src_name == name else topic.channels.get(src_name.partition(":")[2])
-                known = dlq.entries.get(key)
-                if source_queue is None or known is None or _is_done(source_queue.backend, src_key, key):
+            for key, (src_name, src_key, dst_name, dst_key, to_id) in list(dlq.moving_back.items()):
+                source_queue = self._queue(src_name)
+                if source_queue is None or _is_done(source_queue.backend, src_key, key):
                     if src_name == name:
                         dlq.entries.pop(key, None)  # moved back (from a channel: others may hold it still)
                     stood += 1
                     continue
-                dest = self._origin_channel(known)
+                dest = self._queue(dst_name)
                 if dest is not None:
                     if not _discard(dest.backend, dst_key, to_id):
-                        log.warning("dead letter left in both places after a crash", topic=known.topic, channel=known.channel, id=key.decode())
+                        log.warning("dead letter left in both places after a crash", queue=dst_name, id=key.decode())
                     touched.add(dest.backend)
                 undone += 1
             dlq.moving_back.clear()
@@ -750,6 +758,10 @@ class DeadLetters:
                 dlq.close()
             except BackendError as exc:
                 log.error("cannot write the dead-letter log", topic=name, error=str(exc))
+
+
+def _queue_name(queue: Topic | Channel) -> str:
+    return queue.name if isinstance(queue, Topic) else f"{queue.topic_name}:{queue.name}"
 
 
 def _is_done(backend: Any, key: int, msg_id: bytes) -> bool:

@@ -361,16 +361,20 @@ class HTTPAPI:
         return respond({"count": len(entries), "messages": [o.to_json() for o in entries[:n]]})
 
     async def dead_letter_requeue(self, req: Request) -> Response:
-        """``POST /dead_letter/requeue?topic=D[&channel=C][&n=N]``: move the
-        messages queued in dead-letter topic D (its own queue, or its channel C)
-        back into the channels they came from; answers how many moved and how
-        many stayed (origin unknown, or its channel gone)."""
+        """``POST /dead_letter/requeue?topic=D[&channel=C][&n=N][&to=channel|topic]``:
+        move the messages queued in dead-letter topic D (its own queue, or its
+        channel C) back into the channels they came from (``to=topic``: onto
+        their topics, every channel); answers how many moved and how many
+        stayed (origin unknown, or its channel gone)."""
         topic = self._dead_letter_topic(req)
         channel = None
         if req.has_arg("channel"):
             _, channel = self._existing_channel(req)
+        to = req.arg("to") or "channel"
+        if to not in ("channel", "topic"):
+            raise HTTPError(400, "INVALID_ARG_TO")
         limit = _count_arg(req, 0)
-        moved, kept = await self.nsqd.dead_letters.requeue(topic, channel, limit)
+        moved, kept = await self.nsqd.dead_letters.requeue(topic, channel, limit, to_topic=to == "topic")
         return respond({"moved": moved, "kept": kept})
 
 

@@ -148,7 +148,10 @@ def test_dead_letter_settings_and_origins_survive_a_sigterm_restart(tmp_path):
         post(d, "/channel/settings?topic=t&channel=c&max_attempts=1")
         assert consume(d, "t", "c", idle=0.5) == []
         wait_for(lambda: topic_stats(d, "failed")["depth"] == 6)
-        assert post(d, "/dead_letter/requeue?topic=failed") == {"moved": 6, "kept": 0}
+        # onto the topic this time: every channel of it, a new one included
+        create_channel(d, "t", "new")
+        assert post(d, "/dead_letter/requeue?topic=failed&to=topic") == {"moved": 6, "kept": 0}
+        assert channel_stats(d, "t", "new")["depth"] == 6
         back = consume(d, "t", "c")
         assert sorted(body for _, _, body in back) == [b"a0", b"a1", b"a2", b"b0", b"b1", b"b2"]
         assert {attempts for attempts, _, _ in back} == {1}
@@ -159,7 +162,7 @@ def test_dead_letter_settings_and_origins_survive_a_sigterm_restart(tmp_path):
     finally:
         d.stop()
     meta = json.load(open(tmp_path / "nsqd.dat"))
-    assert next(t for t in meta["topics"] if t["name"] == "t")["channels"][0] == {"name": "c", "paused": False}
+    assert next(t for t in meta["topics"] if t["name"] == "t")["channels"] == [{"name": "c", "paused": False}, {"name": "new", "paused": False}]
 
 
 def test_sync_mode_kill_9_during_dead_lettering_and_moving_back_loses_and_duplicates_nothing(tmp_path):
@@ -193,7 +196,8 @@ def test_sync_mode_kill_9_during_dead_lettering_and_moving_back_loses_and_duplic
     try:
         post(d, "/channel/pause?topic=t&channel=c")  # what is moved back stays queued
         with socket.create_connection(("127.0.0.1", d.http_port)) as s:
-            s.sendall(b"POST /dead_letter/requeue?topic=t.dead HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            to = rng.choice([b"channel", b"topic"])  # into c, or onto t (then c)
+            s.sendall(b"POST /dead_letter/requeue?topic=t.dead&to=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % to)
             time.sleep(rng.random() * 0.03)
             d.kill()  # a move back, killed part-way (or not yet begun, or done)
     finally:

@@ -28,14 +28,14 @@ def test_entries_and_pending_moves_read_back(tmp_path):
         log.add(origin(i), (10 + i, 20 + i) if i < 3 else None)
     log.write_now()  # before the data they describe, as a move does
     log.moved_in(origin(0).id)
-    log.moving_out(origin(1).id, "orders.dead", 21, 99, b"f" * 16)
+    log.moving_out(origin(1).id, "orders.dead", 21, "orders:billing", 99, b"f" * 16)
     log.drop(origin(2).id)
     log.sync()
     back = reopen(log)
     assert list(back.entries) == [origin(i).id for i in (0, 1, 3)]
     assert back.entries[origin(3).id] == origin(3)
     assert back.moving_in == {origin(1).id: (11, 21)}
-    assert back.moving_back == {origin(1).id: ("orders.dead", 21, 99, b"f" * 16)}
+    assert back.moving_back == {origin(1).id: ("orders.dead", 21, "orders:billing", 99, b"f" * 16)}
     log.moved_out(origin(1).id)
     log.close()
     assert reopen(log).moving_back == {}
