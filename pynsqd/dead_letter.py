@@ -403,7 +403,8 @@ class DeadLetters:
     def __init__(self, nsqd: NSQD) -> None:
         self.nsqd = nsqd
         self.logs: dict[str, DeadLetterLog] = {}
-        self._waiting: list[tuple[Channel, list[Message]]] = []
+        # (channel, its dead-letter topic then, messages) waiting for the mover
+        self._waiting: list[tuple[Channel, str, list[Message]]] = []
         self._wake: trio.Event | None = None
         self._lock: trio.Lock | None = None
         self._running = False
@@ -462,7 +463,8 @@ class DeadLetters:
 
     def channel_emptied(self, topic: Topic, channel: Channel) -> None:
         dlq = self.logs.get(topic.name)
-        if dlq is not None:
+        if dlq is not None and topic.depth() == 0:
+            # nothing waits in the topic itself: the channel held none of them now
             dlq.left(channel.name, list(dlq.entries), topic.channels)
             self._touched(dlq)
 
@@ -485,7 +487,7 @@ class DeadLetters:
 
     def _dead_letter(self, channel: Channel, msgs: list[Message]) -> None:
         """A channel's messages that reached max attempts (sync, from its code)."""
-        self._waiting.append((channel, msgs))
+        self._waiting.append((channel, channel.dead_letter_topic, msgs))
         if not self._running:
             self._running = self.nsqd.start_soon(self.run)
         elif self._wake is not None:
@@ -500,24 +502,23 @@ class DeadLetters:
                 continue
             # shutdown stops here; what still waits stays in its channel (give_back)
             await trio.lowlevel.checkpoint()
-            channel = self._waiting[0][0]
-            msgs = [m for c, batch in self._waiting if c is channel for m in batch]
-            self._waiting = [(c, batch) for c, batch in self._waiting if c is not channel]
+            channel, target, _ = self._waiting[0]
+            msgs = [m for c, t, batch in self._waiting if c is channel and t == target for m in batch]
+            self._waiting = [w for w in self._waiting if w[0] is not channel or w[1] != target]
             # a move, once begun, completes: shutdown waits for it
             with trio.CancelScope(shield=True):
                 async with self._move_lock():
-                    await self._move_to_dead_letter_topic(channel, msgs)
+                    await self._move_to_dead_letter_topic(channel, target, msgs)
 
     def _move_lock(self) -> trio.Lock:
         if self._lock is None:
             self._lock = trio.Lock()
         return self._lock
 
-    async def _move_to_dead_letter_topic(self, channel: Channel, msgs: list[Message]) -> None:
+    async def _move_to_dead_letter_topic(self, channel: Channel, name: str, msgs: list[Message]) -> None:
         nsqd = self.nsqd
         if channel.exiting:
             return  # deleted meanwhile: its messages went with it
-        name = channel.dead_letter_topic or self._target(channel)
         dlq_topic = nsqd.get_topic(name)
         dlq = self._log_for(dlq_topic)
         ids = dlq_topic.guid.new_ids(len(msgs))
@@ -573,9 +574,6 @@ class DeadLetters:
             source_log.left(channel.name, [m.id for m in msgs], source_topic.channels if source_topic else ())
             self._touched(source_log)
 
-    def _target(self, channel: Channel) -> str:
-        return self.nsqd.options.dead_letter_topic.replace("%s", channel.topic_name)
-
     async def requeue(self, topic: Topic, channel: Channel | None, limit: int, to_topic: bool = False) -> tuple[int, int]:
         """``POST /dead_letter/requeue``: move up to ``limit`` messages queued
         in the dead-letter topic (its own queue, or one of its channels) back
@@ -585,6 +583,8 @@ class DeadLetters:
         moved = kept = 0
         source: Topic | Channel = topic if channel is None else channel
         remaining = limit if limit > 0 else source.depth()
+        if topic.name not in self.logs:  # no dead letters ever came here: nothing to take
+            return 0, min(remaining, source.depth())
         while remaining > 0 and not source.exiting:
             await trio.lowlevel.checkpoint()  # shutdown stops between steps
             with trio.CancelScope(shield=True):  # ... never inside one
@@ -748,7 +748,7 @@ class DeadLetters:
     def give_back(self) -> None:
         """Shutdown: messages still waiting for the mover stay in their channels."""
         waiting, self._waiting = self._waiting, []
-        for channel, msgs in waiting:
+        for channel, _, msgs in waiting:
             if not channel.exiting:
                 channel.take_back(msgs)
 
