@@ -15,6 +15,7 @@ import time
 import trio
 
 from helpers import RawClient, channel_stats, create_channel, run_pynsq, start_nsqd, wait_for
+from test_faults import small_disk  # noqa: F401 - a fixture: a 20 MB tmpfs
 from pynsqd.client import Message, Reader
 
 
@@ -219,3 +220,38 @@ def test_sync_mode_kill_9_during_dead_lettering_and_moving_back_loses_and_duplic
     )
     assert len(everything) == len(set(everything)), report
     assert set(everything) == bodies, report
+
+
+def test_dead_letters_wait_in_their_channel_while_the_disk_is_full(small_disk):
+    """A dead-letter topic that cannot take the messages (ENOSPC) leaves them
+    in their channel, tried again until it can: none dropped, none twice."""
+    data = small_disk / "data"
+    data.mkdir()
+    d = start_nsqd(str(data), "--mem-queue-size=0", "--max-attempts=1")
+    try:
+        create_channel(d, "t", "c")
+        bodies = [b"%03d-" % i + b"x" * 996 for i in range(50)]
+        with RawClient(d.tcp_port) as p:
+            assert p.mpub("t", bodies).data == b"OK"
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:  # every last block taken
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        assert len(consume(d, "t", "c", "REQ", rdy=50, limit=50)) == 50
+        wait_for(lambda: d.http("GET", "/ping")[0] == 500, message="/ping NOK")
+        wait_for(lambda: channel_stats(d, "t", "c")["deferred_count"] == 50, message="the messages back in their channel")
+        assert channel_stats(d, "t", "c")["dead_letter_count"] == 0
+        filler.unlink()
+        wait_for(lambda: channel_stats(d, "t", "c")["dead_letter_count"] == 50, timeout=30, message="moved once there is room")
+        c = channel_stats(d, "t", "c")
+        assert (c["depth"], c["deferred_count"], c["in_flight_count"]) == (0, 0, 0)
+        wait_for(lambda: d.http("GET", "/ping") == (200, b"OK"))
+        create_channel(d, "t.dead", "count")
+        dead = [body for _, _, body in consume(d, "t.dead", "count")]
+        assert sorted(dead) == bodies
+    finally:
+        d.stop()
