@@ -97,6 +97,8 @@ class Channel:
         # held by a move into this channel (--sync-every=1): nothing is
         # delivered until the move is on disk in full
         self.holds = 0
+        # paused or held: the one flag the delivery paths look at
+        self.stopped = False
         self.exiting = False
         self.message_count = 0
         self.requeue_count = 0
@@ -280,7 +282,7 @@ class Channel:
 
     def _pump(self) -> None:
         """Push queued messages to ready clients until one side runs out."""
-        if self._pumping or self.paused or self.holds:
+        if self._pumping or self.stopped:
             return
         ready = self._ready
         if not ready:
@@ -355,7 +357,7 @@ class Channel:
 
     def client_ready_changed(self, client: ClientV2) -> None:
         """RDY changed or a message left the client's window."""
-        if client.can_receive() and not self.paused and not self.holds:
+        if client.can_receive() and not self.stopped:
             if not client.in_ready_queue:
                 client.in_ready_queue = True
                 self._ready.append(client)
@@ -465,7 +467,7 @@ class Channel:
         if self.on_finished is not None:
             self.on_finished(self, msgs)
         want = client.ready_count - client.in_flight_count
-        if want > 0 and not self.paused and not self.holds and not self._pumping and not client.sample_rate and (self.memory or self.backend.depth() > 0):
+        if want > 0 and not self.stopped and not self._pumping and not client.sample_rate and (self.memory or self.backend.depth() > 0):
             # messages are waiting, so no other client is ready and idle (the
             # pump never leaves one): this client takes the next ones, as
             # many as FIN by FIN would have handed it
@@ -625,10 +627,12 @@ class Channel:
 
     def hold(self) -> None:
         self.holds += 1
+        self.stopped = True
 
     def release(self) -> None:
         self.holds -= 1
-        if not self.holds:
+        self.stopped = self.paused or self.holds > 0
+        if not self.stopped:
             for client in list(self.clients.values()):
                 self.client_ready_changed(client)
             self._pump()
@@ -653,7 +657,7 @@ class Channel:
     # ------------------------------------------------------------ admin
 
     def pause(self) -> None:
-        self.paused = True
+        self.paused = self.stopped = True
         for client in self.clients.values():
             if client.out:
                 client.flush_now = True
@@ -661,6 +665,7 @@ class Channel:
 
     def unpause(self) -> None:
         self.paused = False
+        self.stopped = self.holds > 0
         for client in self.clients.values():
             self.client_ready_changed(client)
         self._pump()
