@@ -288,7 +288,7 @@ class Topic:
                 msg.deferred = note / 1e9
             elif self.pending_deferrals:
                 msg.deferred = self.pending_deferrals.pop(msg.id, 0.0)
-            if positions is not None:
+            if positions is not None and token is not None:
                 positions.append(token)
             batch.append(msg)
         return batch, (positions or None)
