@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import trio
+
+from . import inspection
 from .backend_queue import BackendError
+from .disk_queue import ReadCost, index_ids
 from .debug import debug_routes
 from .http_server import HTTPError, Request, Response, Router, plain_text, respond
 from .metrics import metrics_endpoint
@@ -17,9 +21,12 @@ from .stats import format_text_stats, memory_stats
 from .topic import Topic, TopicExiting
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .nsqd import NSQD
 
 _TRUE = {"true": True, "1": True, "false": False, "0": False}
+# a lookup by id scans at most this much of a queue's unindexed tail on the event loop
+_ID_INDEX_INLINE_BYTES = 1 << 20
 
 
 def make_router(nsqd: NSQD) -> Router:
@@ -42,6 +49,9 @@ def make_router(nsqd: NSQD) -> Router:
     r.add("POST", "/channel/empty", api.channel_empty)
     r.add("POST", "/channel/pause", api.channel_pause)
     r.add("POST", "/channel/unpause", api.channel_pause)
+    r.add("GET", "/topic/peek", api.topic_peek)
+    r.add("GET", "/channel/peek", api.channel_peek)
+    r.add("GET", "/message/find", api.message_find)
     r.add(("GET", "PUT"), "/config/*", api.config)
     r.add("GET", "/metrics", metrics_endpoint(nsqd))
     for path, handler in debug_routes(nsqd).items():
@@ -77,6 +87,36 @@ class HTTPAPI:
         if topic is None:
             raise HTTPError(404, "TOPIC_NOT_FOUND")
         return topic, channel_name
+
+    def _existing_channel(self, req: Request) -> Channel:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        channel = topic.get_existing_channel(channel_name)
+        if channel is None:
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        return channel
+
+    def _existing_topic(self, req: Request) -> Topic:
+        topic = self.nsqd.get_existing_topic(self._topic_name(req, "INVALID_ARG_TOPIC"))
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        return topic
+
+    @staticmethod
+    def _int_arg(req: Request, name: str, default: int, lo: int, hi: int) -> int:
+        text = req.arg(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise HTTPError(400, f"INVALID_ARG_{name.upper()}") from None
+        if not lo <= value <= hi:
+            raise HTTPError(400, f"INVALID_ARG_{name.upper()}")
+        return value
+
+    @staticmethod
+    def _bool_arg(req: Request, name: str) -> bool:
+        return _TRUE.get((req.arg(name) or "").lower(), False)
 
     async def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
         try:
@@ -252,6 +292,57 @@ class HTTPAPI:
         self.nsqd.metadata_changed()
         return await self._persisted()
 
+    # ------------------------------------------------------------ inspection
+
+    def _peek_args(self, req: Request) -> tuple[int, int]:
+        count = self._int_arg(req, "count", inspection.DEFAULT_COUNT, 1, inspection.MAX_COUNT)
+        body_limit = self._int_arg(req, "body_limit", inspection.DEFAULT_BODY_LIMIT, 0, inspection.MAX_BODY_LIMIT)
+        return count, body_limit
+
+    async def channel_peek(self, req: Request) -> Response:
+        """The next messages of a channel, in delivery order, taking none."""
+        channel = self._existing_channel(req)
+        count, body_limit = self._peek_args(req)
+        return respond(
+            inspection.peek_channel(
+                channel, count, body_limit,
+                deferred=self._bool_arg(req, "include_deferred"), in_flight=self._bool_arg(req, "include_in_flight"),
+            )
+        )
+
+    async def topic_peek(self, req: Request) -> Response:
+        """The next messages a topic holds for its channels, taking none."""
+        topic = self._existing_topic(req)
+        count, body_limit = self._peek_args(req)
+        from .nsqd import DRAIN_STEP
+
+        return respond(inspection.peek_topic(topic, count, body_limit, DRAIN_STEP))
+
+    async def message_find(self, req: Request) -> Response:
+        """Where a message id is: in the topic's own queue and in each
+        channel (or the one asked for): queued, deferred, in flight, or not."""
+        topic = self._existing_topic(req)
+        text = req.arg("id")
+        if not text:
+            raise HTTPError(400, "MISSING_ARG_ID")
+        msg_id = text.encode()
+        if len(msg_id) != 16 or any(c not in b"0123456789abcdef" for c in msg_id):
+            raise HTTPError(400, "INVALID_ARG_ID")
+        _, body_limit = self._peek_args(req)
+        channels = list(topic.channels.values())
+        if req.arg("channel") is not None:
+            channels = [self._existing_channel(req)]
+        await _extend_id_indexes([c.backend for c in channels] + ([topic.backend] if req.arg("channel") is None else []))
+        cost = ReadCost()
+        out: dict[str, object] = {"id": text, "topic_name": topic.name}
+        if req.arg("channel") is None:
+            out["topic"] = inspection.find_in_topic(topic, msg_id, body_limit, cost)
+        out["channels"] = [
+            {"channel_name": c.name, **inspection.find_in_channel(c, msg_id, body_limit, cost)} for c in channels if not c.exiting
+        ]
+        out["examined"] = cost.as_dict()
+        return respond(out)
+
     async def config(self, req: Request) -> Response:
         name = req.path.rsplit("/", 1)[1]
         nsqd = self.nsqd
@@ -262,3 +353,19 @@ class HTTPAPI:
         except KeyError:
             raise HTTPError(400, "INVALID_OPTION") from None
 
+
+
+async def _extend_id_indexes(backends: list[object]) -> None:
+    """Bring each disk queue's id index up to its write position: a header
+    walk in a worker thread (the files are only appended to), a few rounds
+    while publishers keep writing, the last small tail left to the lookup."""
+    for backend in backends:
+        plan_of = getattr(backend, "id_index_plan", None)
+        if plan_of is None:
+            continue
+        for _ in range(3):
+            token, plan = plan_of()
+            if sum(end - start for _, _, start, end in plan) <= _ID_INDEX_INLINE_BYTES:
+                break
+            blocks = await trio.to_thread.run_sync(index_ids, plan, backend._min, backend._max)  # type: ignore[attr-defined]
+            backend.add_id_blocks(token, plan, blocks)  # type: ignore[attr-defined]
