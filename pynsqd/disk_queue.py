@@ -66,6 +66,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import queue_journal as qj
 from .backend_queue import BackendError
+from .fsutil import unlink_quiet as _unlink_quiet
 from .log import get_logger
 
 _LEN = struct.Struct(">i")  # signed like Go's int32: a negative length is corruption
@@ -1477,10 +1478,3 @@ def list_data_files(data_path: str) -> dict[str, list[int]]:
 
 def _noop() -> None:
     return None
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

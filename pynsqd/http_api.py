@@ -7,15 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import time
+
 import trio
 
 from . import inspection
+from . import replay as replay_mod
 from .backend_queue import BackendError
 from .disk_queue import ReadCost, index_ids
+from .flags import parse_duration
 from .debug import debug_routes
 from .http_server import HTTPError, Request, Response, Router, plain_text, respond
 from .metrics import metrics_endpoint
 from .options import config_value
+from .retention import Policy, file_holds, parse_since
 from .protocol import ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
 from .stats import format_text_stats, memory_stats
 from .topic import Topic, TopicExiting
@@ -49,6 +54,8 @@ def make_router(nsqd: NSQD) -> Router:
     r.add("POST", "/channel/empty", api.channel_empty)
     r.add("POST", "/channel/pause", api.channel_pause)
     r.add("POST", "/channel/unpause", api.channel_pause)
+    r.add(("GET", "POST"), "/topic/retention", api.topic_retention)
+    r.add("POST", "/channel/rewind", api.channel_rewind)
     r.add("GET", "/topic/peek", api.topic_peek)
     r.add("GET", "/channel/peek", api.channel_peek)
     r.add("GET", "/message/find", api.message_find)
@@ -263,7 +270,11 @@ class HTTPAPI:
 
     async def channel_create(self, req: Request) -> Response:
         topic, channel_name = self._existing_topic_and_channel(req)
-        topic.get_channel(channel_name)
+        since = self._since(req, topic) if req.arg("since") is not None else None
+        channel = topic.get_channel(channel_name)
+        if since is not None:
+            # from a point of the retained history instead of "from now"
+            await self._replay(topic, channel, since)
         return await self._persisted()
 
     async def channel_delete(self, req: Request) -> Response:
@@ -291,6 +302,64 @@ class HTTPAPI:
             channel.pause()
         self.nsqd.metadata_changed()
         return await self._persisted()
+
+    # ------------------------------------------------------------ retention and replay
+
+    def _since(self, req: Request, topic: Topic) -> int:
+        if topic.retention is None:
+            raise HTTPError(400, "RETENTION_NOT_ENABLED")
+        try:
+            return parse_since(req.arg("since") or "", time.time_ns())
+        except ValueError:
+            raise HTTPError(400, "INVALID_ARG_SINCE") from None
+
+    async def _replay(self, topic: Topic, channel: Channel, since: int) -> None:
+        retention = self.nsqd.retention
+        replay = retention.rewind(topic, channel, since)
+        if replay_mod.persistent(topic, channel):
+            await trio.to_thread.run_sync(replay.save)  # on disk before the answer
+        if topic.retention is not None and not channel.exiting:
+            retention.start_replay(topic, channel, replay)
+
+    async def channel_rewind(self, req: Request) -> Response:
+        """Give a channel again every retained message published since ``since``."""
+        channel = self._existing_channel(req)
+        topic = self.nsqd.topics[channel.topic_name]
+        await self._replay(topic, channel, self._since(req, topic))
+        return respond(None)
+
+    async def topic_retention(self, req: Request) -> Response:
+        """GET: a topic's retention and what it holds; POST ``time=&bytes=``:
+        the topic's own setting (``reset=true``: back to the flags')."""
+        topic = self._existing_topic(req)
+        retention = self.nsqd.retention
+        if req.method == "POST":
+            if topic.ephemeral:
+                raise HTTPError(400, "EPHEMERAL_TOPIC")
+            if self._bool_arg(req, "reset"):
+                retention.set(topic, None)
+            else:
+                if req.arg("time") is None and req.arg("bytes") is None:
+                    raise HTTPError(400, "MISSING_ARG_TIME")
+                try:
+                    seconds = parse_duration(req.arg("time") or "0")
+                except ValueError:
+                    raise HTTPError(400, "INVALID_ARG_TIME") from None
+                size = self._int_arg(req, "bytes", 0, 0, 1 << 62)
+                if seconds < 0:
+                    raise HTTPError(400, "INVALID_ARG_TIME")
+                retention.set(topic, Policy(seconds, size))
+            await self._persisted()
+        policy = retention.policy_of(topic)
+        out: dict[str, object] = {
+            "topic_name": topic.name,
+            "enabled": topic.retention is not None,
+            "source": "topic" if "retention" in topic.metadata_extras else "default",
+            **policy.as_json(),
+        }
+        if topic.retention is not None:
+            out.update(topic.retention.stats())
+        return respond(out)
 
     # ------------------------------------------------------------ inspection
 
@@ -340,6 +409,9 @@ class HTTPAPI:
         out["channels"] = [
             {"channel_name": c.name, **inspection.find_in_channel(c, msg_id, body_limit, cost)} for c in channels if not c.exiting
         ]
+        if topic.retention is not None:
+            candidates = topic.retention.id_candidates(msg_id)
+            out["retained"] = await trio.to_thread.run_sync(file_holds, candidates, msg_id, self.nsqd.options.max_msg_size)
         out["examined"] = cost.as_dict()
         return respond(out)
 

@@ -12,7 +12,6 @@ import errno
 import fcntl
 import json
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,8 @@ from . import NSQ_VERSION, version_string
 from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
 from .disk_queue import DiskQueue, list_data_files
+from .fsutil import unlink_quiet as _unlink_quiet
+from .fsutil import write_atomically as _write_atomically
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
 from .auth import Auth
@@ -37,6 +38,7 @@ from .options import Options, config_value
 from .protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
 from .streams import DeflateStream, SnappyStream
 from .tls import TLSRequiredRouter, build_server_context, connection_info, upgrade_server_stream
+from .retention import Retention
 from .topic import Topic
 
 # a topic drain hands this many messages to the channels between yields
@@ -119,8 +121,15 @@ class NSQD:
         self.event_hooks: list[Callable[[str, Topic, Channel | None], None]] = []
         # long-running tasks of optional subsystems, started in the daemon's nursery
         self.services: list[Callable[[], Awaitable[None]]] = []
+        # read a topic's / channel's extra keys of nsqd.dat (their metadata_extras)
+        self.topic_metadata_loaders: list[Callable[[Topic, dict[str, Any]], None]] = []
+        self.channel_metadata_loaders: list[Callable[[Channel, dict[str, Any]], None]] = []
+        # run at the end of close(), once the queues are on disk
+        self.close_hooks: list[Callable[[], None]] = []
         # nsqlookupd registration and new topics' channel pre-creation
         self.lookup = Lookup(self).install()
+        # per-topic retention and channel replays
+        self.retention = Retention(self).install()
         if options.statsd_address:
             from .statsd import StatsdService
 
@@ -219,6 +228,8 @@ class NSQD:
         for topic in self.topics.values():
             out.append(topic.backend)
             out.extend(c.backend for c in topic.channels.values())
+            if topic.retention is not None:
+                out.append(topic.retention)  # type: ignore[arg-type]
         return out
 
     def lock_data_path(self) -> None:
@@ -253,12 +264,13 @@ class NSQD:
         for name, topic in sorted(self.topics.items()):
             if topic.ephemeral:
                 continue
+            # a feature that is on adds its keys (which Go's decoding ignores)
             channels = [
-                {"name": cname, "paused": c.paused}
+                {"name": cname, "paused": c.paused, **c.metadata_extras}
                 for cname, c in sorted(topic.channels.items())
                 if not c.ephemeral
             ]
-            topics.append({"name": name, "paused": topic.paused, "channels": channels})
+            topics.append({"name": name, "paused": topic.paused, **topic.metadata_extras, "channels": channels})
         return {"topics": topics, "version": NSQ_VERSION}
 
     def persist_metadata(self) -> None:
@@ -318,6 +330,8 @@ class NSQD:
                 topic = self.get_topic(name)
                 if t.get("paused"):
                     topic.pause()
+                for load in self.topic_metadata_loaders:
+                    load(topic, t)
                 for c in t.get("channels") or []:
                     cname = c.get("name", "")
                     if not is_valid_channel_name(cname):
@@ -326,6 +340,8 @@ class NSQD:
                     channel = topic.get_channel(cname)
                     if c.get("paused"):
                         channel.pause()
+                    for load_channel in self.channel_metadata_loaders:
+                        load_channel(channel, c)
         finally:
             self._loading = False
             self._data_files = None
@@ -679,6 +695,11 @@ class NSQD:
             except Exception:
                 self.log.exception("failed to flush topic", topic=topic.name)
         self.log.info(f"NSQ: persisted {written} in-memory messages to disk at exit", data_path=self.data_path)
+        for hook in self.close_hooks:
+            try:
+                hook()
+            except Exception:
+                self.log.exception("close hook failed")
 
     def _log_persisted(self, queue: str, owner: Topic | Channel, counts: dict[str, int]) -> int:
         """One line per queue that had messages only in memory: what was
@@ -711,30 +732,6 @@ def _run_sync_jobs(jobs: list[Callable[[], None]]) -> list[Exception]:
         except Exception as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
     return errors
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """tmp + fsync + rename (+ fsync of the directory), as nsqd writes nsqd.dat."""
-    tmp = f"{path}.{random.getrandbits(63)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _trio_clock() -> Callable[[], float]:

@@ -119,6 +119,18 @@ class Options(DaemonOptions):
         help="number of channels to check per cycle (every 100ms) for in-flight and deferred timeouts (accepted for compatibility, unused)",
     )
 
+    # retention and replay (pynsqd only)
+    retention_time: float = flag_field(
+        0.0, flag="retention-time", kind="duration",
+        help="keep each topic's messages this long whether or not its channels finished them, for rewinding channels "
+        "(0: no time bound; per topic: POST /topic/retention) (pynsqd only)",
+    )
+    retention_bytes: int = flag_field(
+        0, flag="retention-bytes", kind="int",
+        help="keep at most this many bytes of each topic's retained messages, oldest files deleted first "
+        "(0: no size bound; either bound turns retention on) (pynsqd only)",
+    )
+
     # messages and commands
     msg_timeout: float = flag_field(60.0, flag="msg-timeout", kind="duration", help="default duration to wait before auto-requeing a message")
     max_msg_timeout: float = flag_field(900.0, flag="max-msg-timeout", kind="duration", help="maximum duration before a message will timeout")
@@ -196,7 +208,7 @@ class Options(DaemonOptions):
             raise ValueError(f"--node-id must be [0,1024) (got {self.node_id})")
         if not 1 <= self.max_deflate_level <= 9:
             raise ValueError(f"--max-deflate-level must be [1,9] (got {self.max_deflate_level})")
-        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port"):
+        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port", "retention_bytes", "retention_time"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         for name in (

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .backend_queue import BackendError, BackendQueue
 from .channel import Channel
@@ -32,6 +32,7 @@ from .protocol import is_ephemeral
 
 if TYPE_CHECKING:
     from .e2e import LatencyStream
+    from .retention import RetentionLog
 
 log = get_logger()
 
@@ -87,6 +88,10 @@ class Topic:
         self.exiting = False
         self.message_count = 0
         self.message_bytes = 0
+        # the log keeping what the topic accepts, when retention is on (retention.py)
+        self.retention: RetentionLog | None = None
+        # extra keys of this topic's entry in nsqd.dat (features that are on)
+        self.metadata_extras: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Topic({self.name})"
@@ -132,6 +137,29 @@ class Topic:
                 self._on_backlog(self)
         self.message_count += len(msgs)
         self.message_bytes += body_bytes(msgs)
+
+    def retain(self, log: RetentionLog | None) -> None:
+        """Keep (or stop keeping) everything the topic accepts in ``log``.  A
+        topic without retention pays nothing: only a retaining instance has
+        its ``put_messages`` replaced by :meth:`_put_retained`."""
+        self.retention = log
+        if log is None:
+            self.__dict__.pop("put_messages", None)
+        else:
+            self.put_messages = self._put_retained  # type: ignore[method-assign]
+
+    def _put_retained(self, msgs: Messages) -> None:
+        """Into the log first (so a message is never delivered without being
+        retained), taken back if the publish is refused after all."""
+        log = self.retention
+        if self.exiting or log is None:
+            raise TopicExiting(self.name)
+        before = log.append(msgs)
+        try:
+            Topic.put_messages(self, msgs)
+        except BaseException:
+            log.undo(before)
+            raise
 
     def _store(self, msgs: Messages) -> None:
         mem = self.memory
@@ -386,7 +414,7 @@ class Topic:
             "message_bytes": self.message_bytes,
             "paused": self.paused,
             "e2e_processing_latency": _aggregate_e2e([c.e2e for c in self.channels.values()]),
-        }
+        } | ({"retention": self.retention.stats()} if self.retention is not None else {})
 
 
 def _aggregate_e2e(streams: list[LatencyStream | None]) -> dict[str, object]:
