@@ -316,9 +316,11 @@ class HTTPAPI:
     async def _replay(self, topic: Topic, channel: Channel, since: int) -> None:
         retention = self.nsqd.retention
         replay = retention.rewind(topic, channel, since)
+        # before anything else runs: a backlog the topic drains into the channel meanwhile is checked against it
+        retention.attach(topic, channel, replay)
         if replay_mod.persistent(topic, channel):
             await trio.to_thread.run_sync(replay.save)  # on disk before the answer
-        if topic.retention is not None and not channel.exiting:
+        if topic.retention is not None and channel.replay is replay and not channel.exiting:
             retention.start_replay(topic, channel, replay)
 
     async def channel_rewind(self, req: Request) -> Response:

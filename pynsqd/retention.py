@@ -643,7 +643,8 @@ class Retention:
     def rewind(self, topic: Topic, channel: Channel, since_ns: int) -> replay_mod.Replay:
         """The replay of ``topic``'s retained messages published at or after
         ``since_ns`` (0: all of them) into ``channel``, merged with one still
-        running; the caller saves it (``Replay.save``) and starts it."""
+        running; the caller attaches it, saves it (``Replay.save``) and
+        starts it."""
         log = topic.retention
         assert log is not None
         start = log.position_at(since_ns) if since_ns > 0 else log.start
@@ -653,7 +654,10 @@ class Retention:
             replay = old.merged(replay)
         return replay
 
-    def start_replay(self, topic: Topic, channel: Channel, replay: replay_mod.Replay) -> None:
+    def attach(self, topic: Topic, channel: Channel, replay: replay_mod.Replay) -> None:
+        """The channel takes ``replay`` as its own at once (what the topic
+        drains into it from now on is checked against it); its feeding
+        starts with :meth:`start_replay`."""
         channel.guard_duplicates()
         channel.skip_replayed()
         if topic.retention is not None:
@@ -661,6 +665,10 @@ class Retention:
             if replay.dropped_max and not replay.done:
                 replay.pins[replay] = replay.next[0]
         channel.replay = replay
+
+    def start_replay(self, topic: Topic, channel: Channel, replay: replay_mod.Replay) -> None:
+        if channel.replay is not replay:
+            self.attach(topic, channel, replay)
         self.nsqd.start_soon(replay_mod.run, self.nsqd, topic, channel, replay)
 
     # ------------------------------------------------------------ running
