@@ -289,6 +289,7 @@ class HTTPAPI:
         if channel is None:
             raise HTTPError(404, "CHANNEL_NOT_FOUND")
         channel.empty()
+        self.nsqd.retention.cancel_replay(topic, channel)  # what it had still to give goes too
         return respond(None)
 
     async def channel_pause(self, req: Request) -> Response:

@@ -45,7 +45,8 @@ from .disk_queue import ReadCost, read_records
 from .flags import parse_duration
 from .fsutil import fsync_dir, fsync_path, unlink_quiet, write_atomically
 from .log import get_logger
-from .message import Message, MessageBatch, Messages, encode_messages
+from .guid import block_id
+from .message import Message, MessageBatch, Messages, disk_frames
 from .protocol import MESSAGE_RECORD_PREFIX
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class RetentionLog:
         self._sync_every = max(1, sync_every)
         self._on_sync_due = on_sync_due
         self._log = get_logger(topic=topic)
-        self.policy = policy
+        self.set_policy(policy)
         self.segments: list[Segment] = []  # oldest first; the last is written to
         self._fd: int | None = None
         self._ops = 0
@@ -198,34 +199,41 @@ class RetentionLog:
         them, for :meth:`undo`."""
         if self._closed:
             raise BackendError("retention log closed")
-        records = encode_messages(msgs)
-        data = b"".join([_pack_len(len(r)) + r for r in records])
+        data = disk_frames(msgs)
+        count = len(msgs)
         if type(msgs) is MessageBatch:
             min_ts = max_ts = msgs.timestamp
-            min_id, max_id = records[0][10:26], records[-1][10:26]
+            min_id = block_id(msgs.id_base, msgs.id_first, msgs.lo)
+            max_id = block_id(msgs.id_base, msgs.id_first, msgs.hi - 1)
+        elif count == 1:
+            m = msgs[0]
+            min_ts = max_ts = m.timestamp
+            min_id = max_id = m.id
         else:
             stamps = [m.timestamp for m in msgs]
             ids = [m.id for m in msgs]
             min_ts, max_ts, min_id, max_id = min(stamps), max(stamps), min(ids), max(ids)
         seg = self.segments[-1]
-        if seg.size and (seg.size + len(data) > self.segment_bytes or self._too_old_to_extend(seg, max_ts)):
+        size = seg.size
+        if size and (size + len(data) > self._segment_bytes or (self._roll_ns and max_ts - seg.min_ts > self._roll_ns)):
             self._seal()
             seg = self.segments[-1]
-        before = seg.num, seg.size
+            size = 0
         try:
             if self._fd is None:
                 self._fd = os.open(self._file(seg.num), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._dir_dirty = True
-            _pwrite_all(self._fd, data, seg.size)
+            if os.pwrite(self._fd, data, size) != len(data):
+                _pwrite_all(self._fd, data, size)
         except OSError as e:
-            self._truncate(seg, seg.size)
+            self._truncate(seg, size)
             self._log.error("retention log write failed", file=self._file(seg.num), error=str(e))
             raise BackendError(f"retention log {self.topic}: write failed: {e}") from e
-        seg.add(len(records), len(data), min_ts, max_ts, min_id, max_id)
-        self._ops += len(records)
+        seg.add(count, len(data), min_ts, max_ts, min_id, max_id)
+        self._ops += count
         if self._ops >= self._sync_every:
             self._notify_due()
-        return before
+        return seg.num, size
 
     def undo(self, before: Position) -> None:
         """Take back the last append (the publish it belonged to was refused)."""
@@ -248,10 +256,6 @@ class RetentionLog:
             except OSError as e:
                 self._log.error("retention log cannot undo a write", file=self._file(seg.num), error=str(e))
 
-    def _too_old_to_extend(self, seg: Segment, ts: int) -> bool:
-        t = self.policy.time
-        return bool(t) and ts - seg.min_ts > t * 1e9 / 8
-
     def _seal(self) -> None:
         """The file being written is complete; the next append starts a new one."""
         seg = self.segments[-1]
@@ -273,6 +277,9 @@ class RetentionLog:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
+        self._segment_bytes = self.segment_bytes
+        # with a time bound, a file is closed once its first message is an eighth of it old
+        self._roll_ns = int(policy.time * 1e9 / 8)
 
     def expire(self, now_ns: int) -> int:
         """Delete whole files that fell out of the policy, oldest first;
@@ -281,7 +288,7 @@ class RetentionLog:
         t, b = self.policy.time, self.policy.bytes
         cutoff = now_ns - int(t * 1e9) if t else None
         seg = self.segments[-1]
-        if cutoff is not None and seg.count and seg.min_ts < now_ns - t * 1e9 / 8:
+        if cutoff is not None and seg.count and seg.min_ts < now_ns - self._roll_ns:
             self._seal()  # a quiet topic's last file ages out too
         deleted = 0
         total = self.disk_bytes
@@ -594,9 +601,7 @@ class Retention:
         log = topic.retention
         topic.retain(None)
         for channel in topic.channels.values():
-            if channel.replay is not None:
-                unlink_quiet(channel.replay.path)
-                channel.replay = None  # its task sees it and ends
+            self.cancel_replay(topic, channel)
         if log is not None:
             log.delete()
 
@@ -654,6 +659,12 @@ class Retention:
             replay = old.merged(replay)
         return replay
 
+    def cancel_replay(self, topic: Topic, channel: Channel) -> None:
+        """The channel was emptied: its replay stops (its task sees it and ends)."""
+        if channel.replay is not None:
+            channel.replay = None
+            unlink_quiet(replay_mod.cursor_path(self.nsqd, topic, channel))
+
     def attach(self, topic: Topic, channel: Channel, replay: replay_mod.Replay) -> None:
         """The channel takes ``replay`` as its own at once (what the topic
         drains into it from now on is checked against it); its feeding
@@ -707,10 +718,6 @@ class _ScanResult:
     def __init__(self) -> None:
         self.count = self.end = self.min_ts = self.max_ts = 0
         self.min_id = self.max_id = b""
-
-
-def _pack_len(n: int) -> bytes:
-    return n.to_bytes(4, "big")
 
 
 def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
