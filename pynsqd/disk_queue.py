@@ -65,7 +65,8 @@ from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 from . import queue_journal as qj
-from .backend_queue import BackendError
+from .backend_queue import BackendError, SyncNotifier
+from .fsutil import fsync_dir, fsync_files
 from .fsutil import unlink_quiet as _unlink_quiet
 from .log import get_logger
 
@@ -80,7 +81,7 @@ _META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\
 _Meta = tuple[int, int, int, int, int]  # depth, read file, read pos, write file, write pos
 
 
-class DiskQueue:
+class DiskQueue(SyncNotifier):
     """go-diskqueue compatible ``BackendQueue``; see the module docstring.
 
     Not thread-safe except for the closure from ``prepare_sync()``, which may
@@ -193,12 +194,6 @@ class DiskQueue:
     def healthy(self) -> bool:
         """False after a failed write (until one succeeds) or a failed sync (until one succeeds)."""
         return not (self._write_failed or self._sync_failed)
-
-    def _notify_due(self) -> None:
-        if not self._due_notified:
-            self._due_notified = True
-            if self._on_sync_due is not None:
-                self._on_sync_due(self)
 
     def _file(self, num: int) -> str:
         return os.path.join(self.data_path, f"{self._base}{num:06d}.dat")
@@ -803,18 +798,7 @@ class DiskQueue:
             jfd, retired, new_journal, jerror = journal
             dir_dirty = dir_dirty or new_journal
         try:
-            try:
-                for num in files:
-                    self._fsync_path(self._file(num))
-                if wfd is not None:
-                    self._fsync(wfd)
-                if jfd is not None:
-                    self._fsync(jfd)
-            finally:
-                if wfd is not None:
-                    os.close(wfd)
-                if jfd is not None:
-                    os.close(jfd)
+            fsync_files([self._file(num) for num in files], [wfd, jfd], self._fsync)
             tmp = f"{self._meta_path}.{random.getrandbits(62)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -970,23 +954,9 @@ class DiskQueue:
             return None
         return head[14:30]
 
-    def _fsync_path(self, path: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return  # emptied meanwhile
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
-
     def _fsync_dir(self) -> None:
         # new files' directory entries must survive a crash as well as their data
-        fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.data_path, self._fsync)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -21,25 +22,38 @@ def write_atomically(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def fsync_dir(path: str) -> None:
+def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
     """Make a directory's entries (new, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path, missing_ok=False, fsync=fsync)
 
 
-def fsync_path(path: str) -> None:
-    """fsync a file by name; one already removed needs nothing."""
+def fsync_path(path: str, missing_ok: bool = True, fsync: Callable[[int], None] = os.fsync) -> None:
+    """fsync a file (or directory) by name; one already removed needs nothing."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        if missing_ok:
+            return
+        raise
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(paths: list[str], fds: list[int | None], fsync: Callable[[int], None] = os.fsync) -> None:
+    """fsync files by name (those removed meanwhile need nothing), then by
+    descriptor; the descriptors (dups taken for the sync) are closed whatever happens."""
+    try:
+        for path in paths:
+            fsync_path(path, fsync=fsync)
+        for fd in fds:
+            if fd is not None:
+                fsync(fd)
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 def unlink_quiet(path: str) -> None:

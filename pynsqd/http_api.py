@@ -284,19 +284,13 @@ class HTTPAPI:
         return await self._persisted()
 
     async def channel_empty(self, req: Request) -> Response:
-        topic, channel_name = self._existing_topic_and_channel(req)
-        channel = topic.get_existing_channel(channel_name)
-        if channel is None:
-            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        channel = self._existing_channel(req)
         channel.empty()
-        self.nsqd.retention.cancel_replay(topic, channel)  # what it had still to give goes too
+        self.nsqd.retention.cancel_replay(self.nsqd.topics[channel.topic_name], channel)  # what it had still to give goes too
         return respond(None)
 
     async def channel_pause(self, req: Request) -> Response:
-        topic, channel_name = self._existing_topic_and_channel(req)
-        channel = topic.get_existing_channel(channel_name)
-        if channel is None:
-            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        channel = self._existing_channel(req)
         if req.path.endswith("unpause"):
             channel.unpause()
         else:

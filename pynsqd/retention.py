@@ -40,10 +40,10 @@ import attrs
 import trio
 
 from . import replay as replay_mod
-from .backend_queue import BackendError
+from .backend_queue import BackendError, SyncNotifier
 from .disk_queue import ReadCost, read_records
 from .flags import parse_duration
-from .fsutil import fsync_dir, fsync_path, unlink_quiet, write_atomically
+from .fsutil import fsync_dir, fsync_files, unlink_quiet, write_atomically
 from .log import get_logger
 from .guid import block_id
 from .message import Message, MessageBatch, Messages, disk_frames
@@ -119,7 +119,7 @@ class Segment:
 Position = tuple[int, int]  # (file number, offset)
 
 
-class RetentionLog:
+class RetentionLog(SyncNotifier):
     """One topic's retained messages; see the module docstring.  Synchronous,
     like the disk queues; ``prepare_sync()``'s closure may run in a worker
     thread while appends go on."""
@@ -267,12 +267,6 @@ class RetentionLog:
         self.segments.append(Segment(seg.num + 1))
         self._notify_due()
 
-    def _notify_due(self) -> None:
-        if not self._due_notified:
-            self._due_notified = True
-            if self._on_sync_due is not None:
-                self._on_sync_due(self)
-
     # ------------------------------------------------------------ expiry
 
     def set_policy(self, policy: Policy) -> None:
@@ -404,14 +398,7 @@ class RetentionLog:
 
         def run() -> None:
             try:
-                try:
-                    for num in files:
-                        fsync_path(self._file(num))
-                    if fd is not None:
-                        os.fsync(fd)
-                finally:
-                    if fd is not None:
-                        os.close(fd)
+                fsync_files([self._file(num) for num in files], [fd])
                 if index is not None:
                     write_atomically(self._index_path, index)
                     dir_needed = True

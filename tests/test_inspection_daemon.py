@@ -14,9 +14,6 @@ import json
 import os
 import shutil
 import signal
-import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from helpers import (
     eventually,
     go_nsq_binary,
     on_both_backends,
+    run_driver,
     start_go_nsqd,
     start_nsqd,
     wait_for,
@@ -40,7 +38,6 @@ from pynsqd.guid import GuidFactory
 from pynsqd.protocol import MESSAGE_RECORD_PREFIX
 from test_faults import confirm, subscriber
 
-DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
 MILLION = 1_000_000
 
 
@@ -69,6 +66,18 @@ def read_in_order(d, topic: str, channel: str, count: int) -> list[tuple[int, by
     finally:
         c.close()
     return out
+
+
+def dpub_and_hold(d, topic: str, channel: str, body: bytes, hold: int) -> tuple[RawClient, list]:
+    """One message deferred ten minutes, then ``hold`` messages kept in flight by a consumer."""
+    with RawClient(d.tcp_port) as p:
+        p.cmd(b"DPUB", topic, "600000", body=body)
+        assert p.read_response().data == b"OK"
+    holder = subscriber(d, topic, channel, rdy=hold)
+    held = [holder.read_message() for _ in range(hold)]
+    holder.cmd(b"RDY", "0")
+    confirm(holder)
+    return holder, held
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -147,12 +156,6 @@ def test_peek_and_find_on_a_million_messages_on_disk_are_bounded_and_change_noth
 # ---------------------------------------------------------------- memory, disk, deferred, in flight
 
 
-def run_driver(*args: str, timeout: float = 60.0) -> list[dict]:
-    proc = subprocess.run([sys.executable, DRIVER, *args], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
 @on_both_backends
 async def test_peek_names_memory_disk_deferred_and_in_flight_messages_as_clients_then_get_them(tmp_path):
     d = start_nsqd(str(tmp_path), "--mem-queue-size=40", "--log-level=info")
@@ -161,13 +164,7 @@ async def test_peek_names_memory_disk_deferred_and_in_flight_messages_as_clients
         d.http("POST", "/channel/create?topic=mix&channel=c")
         events = await anyio.to_thread.run_sync(lambda: run_driver("write", "mix", "150", "--nsqd", d.tcp_address, "--mpub", "30", "--prefix", "py-"))
         assert events[-1] == {"event": "done", "acked": 5, "errors": 0}  # 5 MPUBs of 30
-        with RawClient(d.tcp_port) as p:
-            p.cmd(b"DPUB", "mix", "600000", body=b"\x00later\xff")
-            assert p.read_response().data == b"OK"
-        holder = subscriber(d, "mix", "c", rdy=3)
-        held = [holder.read_message() for _ in range(3)]
-        holder.cmd(b"RDY", "0")
-        confirm(holder)
+        holder, held = dpub_and_hold(d, "mix", "c", b"\x00later\xff", 3)
 
         seen = peek(d, "mix", "c", count=1000, include_deferred="true", include_in_flight="true")
         assert seen["depth"] == 147 and seen["in_flight_count"] == 3 and seen["deferred_count"] == 1
@@ -215,12 +212,7 @@ def test_peek_after_a_restart_shows_what_survived(tmp_path, how):
     d.http("POST", "/channel/create?topic=r&channel=c")
     with RawClient(d.tcp_port) as p:
         assert p.mpub("r", [b"m%03d" % i for i in range(60)]).data == b"OK"
-        p.cmd(b"DPUB", "r", "600000", body=b"deferred")
-        assert p.read_response().data == b"OK"
-    holder = subscriber(d, "r", "c", rdy=4)
-    held = [holder.read_message() for _ in range(4)]
-    holder.cmd(b"RDY", "0")
-    confirm(holder)
+    holder, held = dpub_and_hold(d, "r", "c", b"deferred", 4)
     before = peek(d, "r", "c", count=100, include_deferred="true", include_in_flight="true")
     if how == "sigterm":
         assert d.stop() == 0

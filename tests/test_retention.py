@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +26,9 @@ from helpers import (
     channel_stats,
     eventually,
     go_nsq_binary,
+    mpub_http,
     on_both_backends,
+    run_driver,
     start_go_nsqd,
     start_nsqd,
     wait_for,
@@ -36,7 +36,6 @@ from helpers import (
 from pynsqd.client import Reader, Writer
 from test_faults import consume_all
 
-DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
 
 
 def post(d, path: str, expect: int = 200) -> bytes:
@@ -50,12 +49,8 @@ def retention(d, topic: str) -> dict:
 
 
 def pynsq_read(d, topic: str, channel: str, count: int) -> list[dict]:
-    proc = subprocess.run(
-        [sys.executable, DRIVER, "read", topic, channel, str(count), "--nsqd", d.tcp_address, "--max-in-flight", "50"],
-        capture_output=True, text=True, timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [e for e in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{"))) if e["event"] == "message"]
+    events = run_driver("read", topic, channel, str(count), "--nsqd", d.tcp_address, "--max-in-flight", "50", timeout=90)
+    return [e for e in events if e["event"] == "message"]
 
 
 def nothing_left(d, topic: str, channel: str) -> bool:
@@ -204,9 +199,7 @@ def test_settings_retained_messages_and_an_unfinished_replay_survive_sigterm(tmp
     post(d, "/topic/retention?topic=keep&time=24h&bytes=1000000000")
     post(d, "/channel/create?topic=keep&channel=live")
     bodies = [b"k-%05d" % i for i in range(n)]
-    with RawClient(d.tcp_port) as p:
-        for i in range(0, n, 1000):
-            assert p.mpub("keep", bodies[i : i + 1000]).data == b"OK"
+    mpub_http(d, "keep", bodies, chunk=1000)
     post(d, "/channel/create?topic=keep&channel=late&since=oldest")
     wait_for(lambda: channel_stats(d, "keep", "late")["depth"] >= 10_000, message="replay under way")
     assert not channel_stats(d, "keep", "late")["replay"]["done"]
@@ -234,9 +227,7 @@ def test_sync_mode_kill_9_keeps_every_acknowledged_retained_message_and_the_repl
     post(d, "/topic/create?topic=durable")
     post(d, "/channel/create?topic=durable&channel=work")
     bodies = [b"d-%05d" % i for i in range(n)]
-    with RawClient(d.tcp_port) as p:
-        for i in range(0, n, 500):
-            assert p.mpub("durable", bodies[i : i + 500]).data == b"OK"
+    mpub_http(d, "durable", bodies, chunk=500)
     assert sorted(m[3] for m in consume_all(d, "durable", "work", n, timeout=120)) == bodies
     post(d, "/channel/rewind?topic=durable&channel=work&since=oldest")
     wait_for(lambda: channel_stats(d, "durable", "work")["depth"] >= 10_000, message="replay under way")
