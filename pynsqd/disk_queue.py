@@ -1404,7 +1404,7 @@ class IdBlock(NamedTuple):
     num: int
     start: int
     end: int
-    count: int
+    records: int
     lo: bytes
     hi: bytes
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import time
+from collections.abc import Sequence
 
 import trio
 
@@ -424,7 +425,7 @@ class HTTPAPI:
 
 
 
-async def _extend_id_indexes(backends: list[object]) -> None:
+async def _extend_id_indexes(backends: Sequence[object]) -> None:
     """Bring each disk queue's id index up to its write position: a header
     walk in a worker thread (the files are only appended to), a few rounds
     while publishers keep writing, the last small tail left to the lookup."""

@@ -201,7 +201,7 @@ class RetentionLog(SyncNotifier):
             raise BackendError("retention log closed")
         data = disk_frames(msgs)
         count = len(msgs)
-        if type(msgs) is MessageBatch:
+        if isinstance(msgs, MessageBatch):
             min_ts = max_ts = msgs.timestamp
             min_id = block_id(msgs.id_base, msgs.id_first, msgs.lo)
             max_id = block_id(msgs.id_base, msgs.id_first, msgs.hi - 1)
