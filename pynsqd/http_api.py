@@ -315,7 +315,7 @@ class HTTPAPI:
         # before anything else runs: a backlog the topic drains into the channel meanwhile is checked against it
         retention.attach(topic, channel, replay)
         if replay_mod.persistent(topic, channel):
-            await trio.to_thread.run_sync(replay.save)  # on disk before the answer
+            await replay_mod.save_cursor(self.nsqd, topic, channel)  # on disk before the answer
         if topic.retention is not None and channel.replay is replay and not channel.exiting:
             retention.start_replay(topic, channel, replay)
 

@@ -39,6 +39,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_topic_e2e_processing_latency_seconds": (
         "gauge", "Publish-to-FIN latency percentile over all the topic's channels, in the e2e window."),
     "nsqd_topic_e2e_processing_latency_samples": ("gauge", "FINished messages in the topic's e2e window."),
+    "nsqd_topic_retained_messages": ("gauge", "Messages kept by the topic's retention (retaining topics only)."),
+    "nsqd_topic_retained_bytes": ("gauge", "Bytes of the topic's retention log on disk (retaining topics only)."),
+    "nsqd_topic_retained_oldest_timestamp_seconds": ("gauge", "Publish time of the oldest retained message (retaining topics only)."),
     "nsqd_channel_depth": ("gauge", "Messages queued in the channel (memory + disk)."),
     "nsqd_channel_backend_depth": ("gauge", "Messages of the channel queued on disk."),
     "nsqd_channel_in_flight": ("gauge", "Messages sent to consumers and not yet finished."),
@@ -50,6 +53,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_channel_paused": ("gauge", "1 if the channel is paused."),
     "nsqd_channel_e2e_processing_latency_seconds": ("gauge", "Publish-to-FIN latency percentile of the channel, in the e2e window."),
     "nsqd_channel_e2e_processing_latency_samples": ("gauge", "FINished messages in the channel's e2e window."),
+    "nsqd_channel_replayed_total": ("counter", "Retained messages given to the channel again by its current replay (while one runs)."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
 }
@@ -138,6 +142,11 @@ def render_metrics(
         exp.add("nsqd_topic_paused", bool(t["paused"]), topic=topic)
         exp.add("nsqd_topic_channels", len(t["channels"]), topic=topic)
         _latency(exp, "nsqd_topic_e2e_processing_latency", t.get("e2e_processing_latency"), topic=topic)
+        kept = t.get("retention")
+        if kept is not None:
+            exp.add("nsqd_topic_retained_messages", kept["messages"], topic=topic)
+            exp.add("nsqd_topic_retained_bytes", kept["disk_bytes"], topic=topic)
+            exp.add("nsqd_topic_retained_oldest_timestamp_seconds", kept["oldest_timestamp"] / 1e9, topic=topic)
         for c in t["channels"]:
             labels = {"topic": topic, "channel": c["channel_name"]}
             exp.add("nsqd_channel_depth", c["depth"], **labels)
@@ -150,6 +159,8 @@ def render_metrics(
             exp.add("nsqd_channel_clients", c["client_count"], **labels)
             exp.add("nsqd_channel_paused", bool(c["paused"]), **labels)
             _latency(exp, "nsqd_channel_e2e_processing_latency", c.get("e2e_processing_latency"), **labels)
+            if c.get("replay") is not None:
+                exp.add("nsqd_channel_replayed_total", c["replay"]["replayed"], **labels)
     exp.add("process_resident_memory_bytes", rss_bytes)
     exp.add("process_start_time_seconds", start_time)
     return exp.render()

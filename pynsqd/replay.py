@@ -145,6 +145,19 @@ def cursor_path(nsqd: NSQD, topic: Topic, channel: Channel) -> str:
     return os.path.join(nsqd.data_path, f"{topic.name}:{channel.name}.pynsqd-replay.json")
 
 
+async def save_cursor(nsqd: NSQD, topic: Topic, channel: Channel) -> None:
+    """Write the channel's replay cursor as it is now (in a worker thread),
+    one write at a time per channel, so that the file never goes back to an
+    older replay's state; a replay cancelled meanwhile takes its file along."""
+    path = cursor_path(nsqd, topic, channel)
+    async with nsqd.retention.cursor_lock(channel):
+        replay = channel.replay
+        if replay is not None and not channel.exiting:
+            await trio.to_thread.run_sync(write_atomically, path, replay.dump())
+        if channel.replay is None or channel.exiting:
+            unlink_quiet(path)
+
+
 def persistent(topic: Topic, channel: Channel) -> bool:
     return not (topic.ephemeral or channel.ephemeral)
 
@@ -192,8 +205,7 @@ async def run(nsqd: NSQD, topic: Topic, channel: Channel, replay: Replay) -> Non
                 if nsqd.durable and getattr(channel.backend, "dirty", False):
                     nsqd._mark_sync_due(channel.backend)
                     await nsqd.sync_barrier()
-                if channel.replay is replay:
-                    await trio.to_thread.run_sync(replay.save)
+                await save_cursor(nsqd, topic, channel)
             await trio.sleep(0)
         log.info("replay: done", topic=topic.name, channel=channel.name, replayed=replay.replayed)
         # copies of a message may still be queued twice: the guard stays

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -543,6 +544,14 @@ class Retention:
         self.nsqd = nsqd
         o = nsqd.options
         self.default = Policy(o.retention_time, o.retention_bytes)
+        # one replay-cursor write at a time per channel
+        self._cursor_locks: weakref.WeakKeyDictionary[Channel, trio.Lock] = weakref.WeakKeyDictionary()
+
+    def cursor_lock(self, channel: Channel) -> trio.Lock:
+        lock = self._cursor_locks.get(channel)
+        if lock is None:
+            lock = self._cursor_locks[channel] = trio.Lock()
+        return lock
 
     def install(self) -> Retention:
         n = self.nsqd
@@ -635,8 +644,8 @@ class Retention:
     def rewind(self, topic: Topic, channel: Channel, since_ns: int) -> replay_mod.Replay:
         """The replay of ``topic``'s retained messages published at or after
         ``since_ns`` (0: all of them) into ``channel``, merged with one still
-        running; the caller attaches it, saves it (``Replay.save``) and
-        starts it."""
+        running; the caller attaches it, saves it (``replay.save_cursor``)
+        and starts it."""
         log = topic.retention
         assert log is not None
         start = log.position_at(since_ns) if since_ns > 0 else log.start

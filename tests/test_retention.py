@@ -100,6 +100,8 @@ async def test_rewind_and_a_channel_from_the_oldest_message(tmp_path):
         await eventually(lambda: channel_stats(d, "ev", "fresh")["depth"] == 1, message="the new message")
         stats = retention(d, "ev")
         assert stats["enabled"] and stats["source"] == "default" and stats["messages"] == 601
+        status, metrics = d.http("GET", "/metrics")
+        assert b'nsqd_topic_retained_messages{topic="ev"} 601' in metrics
     finally:
         d.stop()
 
