@@ -36,9 +36,9 @@ def _frames_ids(data: bytes) -> list[bytes]:
     return ids
 
 
-async def run(messages: int, size: int, rdy: int) -> dict[str, float]:
+async def run(messages: int, size: int, rdy: int, retention_time: float = 0.0) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        nsqd = NSQD(Options(data_path=tmp, mem_queue_size=messages + 1, lookupd_tcp_addresses=[]))
+        nsqd = NSQD(Options(data_path=tmp, mem_queue_size=messages + 1, lookupd_tcp_addresses=[], retention_time=retention_time))
         body = b"x" * size
         # --- publish: MPUB x200 into a topic with one channel
         topic = nsqd.get_topic("bench")
@@ -92,7 +92,7 @@ async def run(messages: int, size: int, rdy: int) -> dict[str, float]:
         # (syncs are the daemon's rounds, outside the core: not timed here)
         disk_path = os.path.join(tmp, "disk")
         os.mkdir(disk_path)
-        disk = NSQD(Options(data_path=disk_path, mem_queue_size=0, sync_every=1 << 30, lookupd_tcp_addresses=[]))
+        disk = NSQD(Options(data_path=disk_path, mem_queue_size=0, sync_every=1 << 30, lookupd_tcp_addresses=[], retention_time=retention_time))
         t_disk_mpub = _time_commands(disk, batch, messages // 400)
         t_disk_pub = _time_commands(disk, encode_command(b"PUB", "bench", body=body), pubs)
         for topic in disk.topics.values():
@@ -121,8 +121,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=200)
     p.add_argument("--rdy", type=int, default=2500)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--retention-time", type=float, default=0.0, help="seconds: every topic retains (the cost of retention)")
     a = p.parse_args()
-    results = [trio.run(run, a.messages, a.size, a.rdy) for _ in range(a.repeat)]
+    results = [trio.run(run, a.messages, a.size, a.rdy, a.retention_time) for _ in range(a.repeat)]
     best_pub = min(r["publish_ns_per_msg"] for r in results)
     best_con = min(r["consume_ns_per_msg"] for r in results)
     best_single = min(r["pub_ns_per_msg"] for r in results)

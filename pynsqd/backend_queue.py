@@ -9,7 +9,8 @@ their periodic maintenance (``sync``) from its own tasks.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class BackendError(Exception):
@@ -43,6 +44,20 @@ class BackendQueue(Protocol):
 
     def delete(self) -> None:
         """Close and remove every file."""
+
+
+class SyncNotifier:
+    """Tells its owner once, until the next sync is prepared, that a sync is
+    due (the daemon's group commit collects the queues and logs that ask)."""
+
+    _due_notified: bool
+    _on_sync_due: Callable[[Any], None] | None
+
+    def _notify_due(self) -> None:
+        if not self._due_notified:
+            self._due_notified = True
+            if self._on_sync_due is not None:
+                self._on_sync_due(self)
 
 
 class DummyBackendQueue:

@@ -16,7 +16,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .backend_queue import BackendQueue
 from .client_v2 import ClientV2
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = get_logger()
 
 INF = float("inf")
+# a popped copy of a message whose other copy is in flight waits this long (guarded channels)
+DUPLICATE_RETRY = 1.0
 
 
 class ChannelError(Exception):
@@ -119,6 +121,8 @@ class Channel:
         # id -> due time (unix ns) of messages that were deferred when the
         # daemon last stopped; applied when they are read back
         self.pending_deferrals: dict[bytes, int] = {}
+        # a replay of the topic's retained messages into this channel (replay.py)
+        self.replay: Any = None
 
     def __repr__(self) -> str:
         return f"Channel({self.topic_name}:{self.name})"
@@ -279,6 +283,73 @@ class Channel:
                 break
             out.append(msg)
         return out
+
+    # ------------------------------------------------------------ replays
+
+    def put_replayed(self, msgs: list[Message]) -> None:
+        """Messages a replay gives the channel again: as published ones,
+        except that one whose id waits deferred here is left to that copy
+        (delivered after the replay was asked for, as the replay promises).
+        From now on the channel keeps two copies of an id out of flight at once."""
+        self.guard_duplicates()
+        deferred = self.deferred
+        fresh = [m for m in msgs if m.id not in deferred] if deferred else msgs
+        if fresh:
+            Channel.put_messages(self, fresh)
+
+    def skip_replayed(self) -> None:
+        """While a replay runs, what the topic hands over (its held backlog)
+        that the replay gives anyway is left out (``Replay.keep``): only this
+        instance's ``put_messages`` is replaced."""
+        if "put_messages" not in self.__dict__:
+            self.put_messages = self._put_unreplayed  # type: ignore[method-assign]
+
+    def _put_unreplayed(self, msgs: Messages, mark: int | None = None) -> None:
+        replay = self.replay
+        if replay is not None:
+            msgs = replay.keep(msgs)
+        Channel.put_messages(self, msgs, mark)
+
+    def guard_duplicates(self) -> None:
+        """A replayed copy can meet the channel's own copy of a message: from
+        now on a message popped while a copy of it is in flight waits
+        (deferred ``DUPLICATE_RETRY`` s) and one popped while a copy waits
+        deferred is dropped (that copy will be delivered).  Only guarded
+        channels pay for the check: their instance's ``_pop``/``_pop_many``
+        are replaced."""
+        if "_pop" not in self.__dict__:
+            self._pop = self._pop_guarded  # type: ignore[method-assign]
+            self._pop_many = self._pop_many_guarded  # type: ignore[method-assign]
+
+    def _pop_guarded(self) -> Message | None:
+        while True:
+            msg = Channel._pop(self)
+            if msg is None or self._admit(msg, None):
+                return msg
+
+    def _pop_many_guarded(self, limit: int) -> list[Message]:
+        out: list[Message] = []
+        taking: set[bytes] = set()
+        while len(out) < limit:
+            got = Channel._pop_many(self, limit - len(out))
+            if not got:
+                break
+            for msg in got:
+                if self._admit(msg, taking):
+                    out.append(msg)
+                    taking.add(msg.id)
+        return out
+
+    def _admit(self, msg: Message, taking: set[bytes] | None) -> bool:
+        msg_id = msg.id
+        if msg_id in self.deferred:
+            if msg.token is not None:
+                self.backend.ack(msg.token)  # type: ignore[attr-defined]
+            return False
+        if msg_id in self.in_flight or (taking is not None and msg_id in taking):
+            self._defer(msg, self._clock() + DUPLICATE_RETRY)
+            return False
+        return True
 
     def _pump(self) -> None:
         """Push queued messages to ready clients until one side runs out."""
@@ -750,5 +821,7 @@ class Channel:
             out["max_attempts"] = self.max_attempts
             out["dead_letter_topic"] = self.dead_letter_topic
             out["dead_letter_count"] = self.dead_letter_count
+        if self.replay is not None:
+            out["replay"] = self.replay.stats()
         return out
 

@@ -65,13 +65,20 @@ async def run_until_signal(body: Callable[[trio.CancelScope], Awaitable[T]]) -> 
                 log.info("signal received, shutting down", signal=name)
                 stop.cancel()
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, signals)
-            try:
-                return await body(stop)
-            finally:
-                nursery.cancel_scope.cancel()
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, signals)
+                try:
+                    return await body(stop)
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        if stop.cancel_called:
+            # shut down and about to exit: a signal sent a moment later (the
+            # second of a pair) must not kill the process with the default action
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:

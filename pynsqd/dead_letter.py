@@ -48,9 +48,9 @@ import trio
 
 from .backend_queue import BackendError
 from .channel import Channel, ChannelExiting
-from .files import fsync_dir as _fsync_dir
-from .files import unlink_quiet as _unlink_quiet
-from .files import write_atomically
+from .fsutil import fsync_dir as _fsync_dir
+from .fsutil import unlink_quiet as _unlink_quiet
+from .fsutil import write_atomically
 from .log import get_logger
 from .message import Message
 from .protocol import is_ephemeral, is_valid_topic_name
@@ -262,7 +262,7 @@ class DeadLetterLog:
             if fd is not None:
                 os.fsync(fd)
             if dir_dirty:
-                _fsync_dir(self.path)
+                _fsync_dir(os.path.dirname(self.path) or ".")
         except OSError as e:
             self._unsynced = True
             self._dir_dirty = self._dir_dirty or dir_dirty

@@ -61,10 +61,13 @@ import struct
 import threading
 from collections import deque
 from itertools import chain
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 from . import queue_journal as qj
-from .backend_queue import BackendError
+from .backend_queue import BackendError, SyncNotifier
+from .fsutil import fsync_dir, fsync_files
+from .fsutil import unlink_quiet as _unlink_quiet
 from .log import get_logger
 
 _LEN = struct.Struct(">i")  # signed like Go's int32: a negative length is corruption
@@ -78,7 +81,7 @@ _META_RE = re.compile(rb"\s*(-?\d+)\s*\n\s*(-?\d+)\s*,\s*(-?\d+)\s*\n\s*(-?\d+)\
 _Meta = tuple[int, int, int, int, int]  # depth, read file, read pos, write file, write pos
 
 
-class DiskQueue:
+class DiskQueue(SyncNotifier):
     """go-diskqueue compatible ``BackendQueue``; see the module docstring.
 
     Not thread-safe except for the closure from ``prepare_sync()``, which may
@@ -155,6 +158,10 @@ class DiskQueue:
         self._read_past: list[tuple[int, bool]] = []  # files read past, kept until committed past
         self._patch_fds: dict[int, int] = {}  # files whose attempts fields we rewrite
         self._patched_files: set[int] = set()
+        # message id -> record: blocks of the unread records with their id range,
+        # built on the first lookup (inspection), extended by later ones
+        self._id_blocks: list[IdBlock] = []
+        self._id_indexed: tuple[int, int] | None = None  # (file, pos) indexed up to
         # syscalls that tests replace to inject failures
         self._pwrite: Callable[[int, Any, int], int] = os.pwrite
         self._fsync: Callable[[int], None] = os.fsync
@@ -187,12 +194,6 @@ class DiskQueue:
     def healthy(self) -> bool:
         """False after a failed write (until one succeeds) or a failed sync (until one succeeds)."""
         return not (self._write_failed or self._sync_failed)
-
-    def _notify_due(self) -> None:
-        if not self._due_notified:
-            self._due_notified = True
-            if self._on_sync_due is not None:
-                self._on_sync_due(self)
 
     def _file(self, num: int) -> str:
         return os.path.join(self.data_path, f"{self._base}{num:06d}.dat")
@@ -723,6 +724,88 @@ class DiskQueue:
             self._force_sync = True
             self._notify_due()
 
+    # ------------------------------------------------------------------ inspection
+
+    def _unread_spans(self) -> list[tuple[int, int, int]]:
+        """(file, from, to) of the records from the read position on, in order."""
+        rfn, rpos = self._rfn, self._rpos
+        if rfn == self._wfn:
+            return [(rfn, rpos, self._wpos)]
+        spans = [(rfn, rpos, self._ends.get(rfn, rpos))]
+        spans += [(n, 0, self._ends[n]) for n in sorted(self._ends) if n > rfn]
+        spans.append((self._wfn, 0, self._wpos))
+        return spans
+
+    def _unread_fact(self, key: int, msg_id: bytes) -> int | None:
+        """What the journal says of an unread record: None if it was finished
+        before a crash (or is the remains of a cut-short copy), else its note."""
+        if self._skip and self._skip.get(key) == msg_id:
+            return None
+        span = self._skip_range
+        if span is not None and span[0] <= key < span[1]:
+            return None
+        kept = self._notes.get(key) if self._notes else None
+        return kept[1] if kept is not None and kept[0] == msg_id else 0
+
+    def peek(self, cost: ReadCost, head: int | None = None) -> Iterator[tuple[int, bytes, int, int]]:
+        """(key, payload or its first ``head`` bytes, payload length, note) of
+        each record from the read position on, in the order ``get_tracked()``
+        serves them, through the queue's own descriptors-free reads: nothing of
+        the queue changes (positions, buffers, sync state).  Consume it before
+        the queue is used again; stop whenever enough was seen."""
+        for num, start, end in self._unread_spans():
+            for pos, n, data in read_records(self._file(num), start, end, self._min, self._max, head, cost):
+                key = qj.key(num, pos)
+                note = self._unread_fact(key, data[10:26])
+                if note is not None:
+                    yield key, data, n, note
+
+    def id_index_plan(self) -> tuple[Any, list[tuple[str, int, int, int]]]:
+        """(token, [(path, file, from, to)]): the unread records the id index
+        does not cover yet (:func:`index_ids` builds their blocks, in any
+        thread; :meth:`add_id_blocks` takes them if nothing changed the index
+        or emptied the queue meanwhile)."""
+        rfn, rpos = self._rfn, self._rpos
+        done = self._id_indexed
+        plan = []
+        for num, start, end in self._unread_spans():
+            if done is not None and (num, end) <= done:
+                continue
+            if done is not None and num == done[0]:
+                start = max(start, done[1])
+            if end > start:
+                plan.append((self._file(num), num, start, end))
+        self._id_blocks = [b for b in self._id_blocks if (b.num, b.end) > (rfn, rpos)]
+        return (self._generation, done), plan
+
+    def add_id_blocks(self, token: Any, plan: list[tuple[str, int, int, int]], blocks: list[IdBlock]) -> None:
+        if token != (self._generation, self._id_indexed) or not plan:
+            return  # emptied, or indexed by another lookup, meanwhile
+        self._id_blocks += blocks
+        self._id_indexed = (plan[-1][1], plan[-1][3])
+
+    def id_index_behind(self) -> int:
+        """Bytes written since the id index was last extended (unread part)."""
+        return sum(end - start for _, _, start, end in self.id_index_plan()[1])
+
+    def find_id(self, msg_id: bytes, cost: ReadCost, head: int = 26) -> tuple[int, bytes, int, int] | None:
+        """(key, payload or its first ``head`` bytes, payload length, note) of
+        the unread record holding ``msg_id``, or None.  Reads only the index
+        blocks whose id range holds the id, and what the index does not cover
+        yet."""
+        rfn, rpos = self._rfn, self._rpos
+        cost.blocks += len(self._id_blocks)
+        candidates = [(self._file(b.num), b.num, b.start, b.end) for b in self._id_blocks if b.lo <= msg_id <= b.hi and (b.num, b.end) > (rfn, rpos)]
+        for path, num, start, end in candidates + self.id_index_plan()[1]:
+            for pos, n, data in read_records(path, start, end, self._min, self._max, max(head, 26), cost):
+                if data[10:26] != msg_id or (num, pos) < (rfn, rpos):
+                    continue
+                key = qj.key(num, pos)
+                note = self._unread_fact(key, msg_id)
+                if note is not None:
+                    return key, data, n, note
+        return None
+
     # ------------------------------------------------------------------ sync
 
     def sync(self) -> None:
@@ -784,18 +867,7 @@ class DiskQueue:
             jfd, retired, new_journal, jerror = journal
             dir_dirty = dir_dirty or new_journal
         try:
-            try:
-                for num in files:
-                    self._fsync_path(self._file(num))
-                if wfd is not None:
-                    self._fsync(wfd)
-                if jfd is not None:
-                    self._fsync(jfd)
-            finally:
-                if wfd is not None:
-                    os.close(wfd)
-                if jfd is not None:
-                    os.close(jfd)
+            fsync_files([self._file(num) for num in files], [wfd, jfd], self._fsync)
             tmp = f"{self._meta_path}.{random.getrandbits(62)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -951,23 +1023,9 @@ class DiskQueue:
             return None
         return head[14:30]
 
-    def _fsync_path(self, path: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return  # emptied meanwhile
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
-
     def _fsync_dir(self) -> None:
         # new files' directory entries must survive a crash as well as their data
-        fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.data_path, self._fsync)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -988,6 +1046,8 @@ class DiskQueue:
                 pass
             except OSError as e:
                 self._log.error("diskqueue cannot remove a data file", queue=self.name, file=self._file(num), error=str(e))
+        self._id_blocks = []
+        self._id_indexed = None
         # new numbers above every old one, so no late sync can touch a new file
         self._wfn = max([self._wfn, *nums]) + 1
         self._wpos = 0
@@ -1345,6 +1405,103 @@ class _Scan(NamedTuple):
     at_nth: int
 
 
+class ReadCost:
+    """What a look at a queue's files cost: records walked, bytes read, index blocks compared."""
+
+    __slots__ = ("records", "bytes", "blocks")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.bytes = 0
+        self.blocks = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"records": self.records, "bytes": self.bytes, "index_blocks": self.blocks}
+
+
+def read_records(
+    path: str, start: int, end: int, min_size: int, max_size: int, head: int | None, cost: ReadCost
+) -> Iterator[tuple[int, int, bytes]]:
+    """(position, payload length, payload -- or its first ``head`` bytes) of
+    each record of a data file from ``start`` (a record boundary) to ``end``,
+    through a descriptor of its own; stops at the first damaged record or a
+    missing file.  Bounded reads: a chunk at a time, and a record larger than
+    a chunk only as far as ``head``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        buf = b""
+        boff = start  # file offset of buf[0]
+        pos = start
+        unpack = _LEN.unpack_from
+        while pos + 4 <= end:
+            rel = pos - boff
+            if rel + 4 > len(buf):
+                buf = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+                boff, rel = pos, 0
+                cost.bytes += len(buf)
+                if len(buf) < 4:
+                    return
+            n = unpack(buf, rel)[0]
+            if n < min_size or n > max_size or pos + 4 + n > end:
+                return
+            want = n if head is None else min(n, head)
+            if rel + 4 + want <= len(buf):
+                data = buf[rel + 4 : rel + 4 + want]
+            elif want + 4 <= _READ_CHUNK:
+                buf = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+                boff = pos
+                cost.bytes += len(buf)
+                data = buf[4 : 4 + want]
+            else:
+                data = os.pread(fd, want, pos + 4)
+                cost.bytes += len(data)
+            if len(data) < want:
+                return
+            cost.records += 1
+            yield pos, n, data
+            pos += 4 + n
+    finally:
+        os.close(fd)
+
+
+class IdBlock(NamedTuple):
+    """Consecutive records of one data file and the smallest and largest message id among them."""
+
+    num: int
+    start: int
+    end: int
+    records: int
+    lo: bytes
+    hi: bytes
+
+
+ID_BLOCK_RECORDS = 4096
+ID_BLOCK_BYTES = 1 << 20
+
+
+def index_ids(plan: list[tuple[str, int, int, int]], min_size: int, max_size: int) -> list[IdBlock]:
+    """The id blocks of the spans of :meth:`DiskQueue.id_index_plan` (a header
+    walk; safe in a worker thread: the files are only appended to)."""
+    blocks: list[IdBlock] = []
+    cost = ReadCost()
+    for path, num, start, end in plan:
+        first = start
+        ids: list[bytes] = []
+        last = start
+        for pos, n, data in read_records(path, start, end, min_size, max_size, 26, cost):
+            if ids and (len(ids) >= ID_BLOCK_RECORDS or pos - first >= ID_BLOCK_BYTES):
+                blocks.append(IdBlock(num, first, pos, len(ids), min(ids), max(ids)))
+                first, ids = pos, []
+            ids.append(data[10:26])
+            last = pos + 4 + n
+        if ids:
+            blocks.append(IdBlock(num, first, last, len(ids), min(ids), max(ids)))
+    return blocks
+
+
 def list_data_files(data_path: str) -> dict[str, list[int]]:
     """Every queue's data file numbers in a data directory, from one listing
     (what ``DiskQueue(data_files=...)`` takes at start-up)."""
@@ -1360,10 +1517,3 @@ def list_data_files(data_path: str) -> dict[str, list[int]]:
 
 def _noop() -> None:
     return None
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -87,6 +87,21 @@ def block_ids(base: int, first: int, lo: int, hi: int) -> list[bytes]:
     return out
 
 
+def block_index(base: int, first: int, msg_id: bytes) -> int | None:
+    """The ``i`` with ``block_id(base, first, i) == msg_id`` (None if the id is
+    not of that block or not an id at all): finding an id in an MPUB's batch
+    without formatting its ids."""
+    try:
+        d = int(msg_id, 16) - base
+    except ValueError:
+        return None
+    low = d & ((1 << TIMESTAMP_SHIFT) - 1)
+    if d < 0 or low > SEQUENCE_MASK:
+        return None  # another node's id, or another tick's node bits
+    i = ((d >> TIMESTAMP_SHIFT) << SEQUENCE_BITS) + low - first
+    return i if i >= 0 else None
+
+
 # the 3 hex digits of every sequence number
 _HEX3 = tuple(b"%03x" % i for i in range(SEQUENCE_MASK + 1))
 

@@ -7,21 +7,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import time
+from collections.abc import Sequence
+
+import trio
+
+from . import inspection
+from . import replay as replay_mod
 from .backend_queue import BackendError
+from .disk_queue import ReadCost, index_ids
+from .flags import parse_duration
 from .debug import debug_routes
 from .http_server import HTTPError, Request, Response, Router, plain_text, respond
 from .metrics import metrics_endpoint
 from .options import config_value
-from .channel import Channel
 from .protocol import MSG_ID_LENGTH, ProtocolError, decode_mpub_body, is_valid_channel_name, is_valid_topic_name
+from .retention import Policy, file_holds, parse_since
 from .settings import CHANNEL_SETTINGS, TOPIC_SETTINGS, Setting, apply_changes, parse_query
 from .stats import format_text_stats, memory_stats
 from .topic import Topic, TopicExiting, TopicFull
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .nsqd import NSQD
 
 _TRUE = {"true": True, "1": True, "false": False, "0": False}
+# a lookup by id scans at most this much of a queue's unindexed tail on the event loop
+_ID_INDEX_INLINE_BYTES = 1 << 20
 
 
 def make_router(nsqd: NSQD) -> Router:
@@ -44,6 +56,11 @@ def make_router(nsqd: NSQD) -> Router:
     r.add("POST", "/channel/empty", api.channel_empty)
     r.add("POST", "/channel/pause", api.channel_pause)
     r.add("POST", "/channel/unpause", api.channel_pause)
+    r.add(("GET", "POST"), "/topic/retention", api.topic_retention)
+    r.add("POST", "/channel/rewind", api.channel_rewind)
+    r.add("GET", "/topic/peek", api.topic_peek)
+    r.add("GET", "/channel/peek", api.channel_peek)
+    r.add("GET", "/message/find", api.message_find)
     r.add(("GET", "PUT"), "/config/*", api.config)
     # beyond nsqd: per-topic/channel settings of the opt-in features, dead letters
     r.add(("GET", "POST"), "/topic/settings", api.topic_settings)
@@ -85,6 +102,36 @@ class HTTPAPI:
         if topic is None:
             raise HTTPError(404, "TOPIC_NOT_FOUND")
         return topic, channel_name
+
+    def _existing_channel(self, req: Request) -> tuple[Topic, Channel]:
+        topic, channel_name = self._existing_topic_and_channel(req)
+        channel = topic.get_existing_channel(channel_name)
+        if channel is None:
+            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        return topic, channel
+
+    def _existing_topic(self, req: Request) -> Topic:
+        topic = self.nsqd.get_existing_topic(self._topic_name(req, "INVALID_ARG_TOPIC"))
+        if topic is None:
+            raise HTTPError(404, "TOPIC_NOT_FOUND")
+        return topic
+
+    @staticmethod
+    def _int_arg(req: Request, name: str, default: int, lo: int, hi: int) -> int:
+        text = req.arg(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise HTTPError(400, f"INVALID_ARG_{name.upper()}") from None
+        if not lo <= value <= hi:
+            raise HTTPError(400, f"INVALID_ARG_{name.upper()}")
+        return value
+
+    @staticmethod
+    def _bool_arg(req: Request, name: str) -> bool:
+        return _TRUE.get((req.arg(name) or "").lower(), False)
 
     async def _put(self, topic: Topic, msgs: list, failed: str) -> Response:
         try:
@@ -237,7 +284,11 @@ class HTTPAPI:
 
     async def channel_create(self, req: Request) -> Response:
         topic, channel_name = self._existing_topic_and_channel(req)
-        topic.get_channel(channel_name)
+        since = self._since(req, topic) if req.arg("since") is not None else None
+        channel = topic.get_channel(channel_name)
+        if since is not None:
+            # from a point of the retained history instead of "from now"
+            await self._replay(topic, channel, since)
         return await self._persisted()
 
     async def channel_delete(self, req: Request) -> Response:
@@ -247,25 +298,134 @@ class HTTPAPI:
         return await self._persisted()
 
     async def channel_empty(self, req: Request) -> Response:
-        topic, channel_name = self._existing_topic_and_channel(req)
-        channel = topic.get_existing_channel(channel_name)
-        if channel is None:
-            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        topic, channel = self._existing_channel(req)
         channel.empty()
         self.nsqd.dead_letters.channel_emptied(topic, channel)
+        self.nsqd.retention.cancel_replay(topic, channel)  # what it had still to give goes too
         return respond(None)
 
     async def channel_pause(self, req: Request) -> Response:
-        topic, channel_name = self._existing_topic_and_channel(req)
-        channel = topic.get_existing_channel(channel_name)
-        if channel is None:
-            raise HTTPError(404, "CHANNEL_NOT_FOUND")
+        topic, channel = self._existing_channel(req)
         if req.path.endswith("unpause"):
             channel.unpause()
         else:
             channel.pause()
         self.nsqd.metadata_changed()
         return await self._persisted()
+
+    # ------------------------------------------------------------ retention and replay
+
+    def _since(self, req: Request, topic: Topic) -> int:
+        if topic.retention is None:
+            raise HTTPError(400, "RETENTION_NOT_ENABLED")
+        try:
+            return parse_since(req.arg("since") or "", time.time_ns())
+        except ValueError:
+            raise HTTPError(400, "INVALID_ARG_SINCE") from None
+
+    async def _replay(self, topic: Topic, channel: Channel, since: int) -> None:
+        retention = self.nsqd.retention
+        replay = retention.rewind(topic, channel, since)
+        # before anything else runs: a backlog the topic drains into the channel meanwhile is checked against it
+        retention.attach(topic, channel, replay)
+        if replay_mod.persistent(topic, channel):
+            await replay_mod.save_cursor(self.nsqd, topic, channel)  # on disk before the answer
+        if topic.retention is not None and channel.replay is replay and not channel.exiting:
+            retention.start_replay(topic, channel, replay)
+
+    async def channel_rewind(self, req: Request) -> Response:
+        """Give a channel again every retained message published since ``since``."""
+        topic, channel = self._existing_channel(req)
+        topic = self.nsqd.topics[channel.topic_name]
+        await self._replay(topic, channel, self._since(req, topic))
+        return respond(None)
+
+    async def topic_retention(self, req: Request) -> Response:
+        """GET: a topic's retention and what it holds; POST ``time=&bytes=``:
+        the topic's own setting (``reset=true``: back to the flags')."""
+        topic = self._existing_topic(req)
+        retention = self.nsqd.retention
+        if req.method == "POST":
+            if topic.ephemeral:
+                raise HTTPError(400, "EPHEMERAL_TOPIC")
+            if self._bool_arg(req, "reset"):
+                retention.set(topic, None)
+            else:
+                if req.arg("time") is None and req.arg("bytes") is None:
+                    raise HTTPError(400, "MISSING_ARG_TIME")
+                try:
+                    seconds = parse_duration(req.arg("time") or "0")
+                except ValueError:
+                    raise HTTPError(400, "INVALID_ARG_TIME") from None
+                size = self._int_arg(req, "bytes", 0, 0, 1 << 62)
+                if seconds < 0:
+                    raise HTTPError(400, "INVALID_ARG_TIME")
+                retention.set(topic, Policy(seconds, size))
+            await self._persisted()
+        policy = retention.policy_of(topic)
+        out: dict[str, object] = {
+            "topic_name": topic.name,
+            "enabled": topic.retention is not None,
+            "source": "topic" if "retention" in topic.settings else "default",
+            **policy.as_json(),
+        }
+        if topic.retention is not None:
+            out.update(topic.retention.stats())
+        return respond(out)
+
+    # ------------------------------------------------------------ inspection
+
+    def _peek_args(self, req: Request) -> tuple[int, int]:
+        count = self._int_arg(req, "count", inspection.DEFAULT_COUNT, 1, inspection.MAX_COUNT)
+        body_limit = self._int_arg(req, "body_limit", inspection.DEFAULT_BODY_LIMIT, 0, inspection.MAX_BODY_LIMIT)
+        return count, body_limit
+
+    async def channel_peek(self, req: Request) -> Response:
+        """The next messages of a channel, in delivery order, taking none."""
+        topic, channel = self._existing_channel(req)
+        count, body_limit = self._peek_args(req)
+        return respond(
+            inspection.peek_channel(
+                channel, count, body_limit,
+                deferred=self._bool_arg(req, "include_deferred"), in_flight=self._bool_arg(req, "include_in_flight"),
+            )
+        )
+
+    async def topic_peek(self, req: Request) -> Response:
+        """The next messages a topic holds for its channels, taking none."""
+        topic = self._existing_topic(req)
+        count, body_limit = self._peek_args(req)
+        from .nsqd import DRAIN_STEP
+
+        return respond(inspection.peek_topic(topic, count, body_limit, DRAIN_STEP))
+
+    async def message_find(self, req: Request) -> Response:
+        """Where a message id is: in the topic's own queue and in each
+        channel (or the one asked for): queued, deferred, in flight, or not."""
+        topic = self._existing_topic(req)
+        text = req.arg("id")
+        if not text:
+            raise HTTPError(400, "MISSING_ARG_ID")
+        msg_id = text.encode()
+        if len(msg_id) != 16 or any(c not in b"0123456789abcdef" for c in msg_id):
+            raise HTTPError(400, "INVALID_ARG_ID")
+        _, body_limit = self._peek_args(req)
+        channels = list(topic.channels.values())
+        if req.arg("channel") is not None:
+            channels = [self._existing_channel(req)[1]]
+        await _extend_id_indexes([c.backend for c in channels] + ([topic.backend] if req.arg("channel") is None else []))
+        cost = ReadCost()
+        out: dict[str, object] = {"id": text, "topic_name": topic.name}
+        if req.arg("channel") is None:
+            out["topic"] = inspection.find_in_topic(topic, msg_id, body_limit, cost)
+        out["channels"] = [
+            {"channel_name": c.name, **inspection.find_in_channel(c, msg_id, body_limit, cost)} for c in channels if not c.exiting
+        ]
+        if topic.retention is not None:
+            candidates = topic.retention.id_candidates(msg_id)
+            out["retained"] = await trio.to_thread.run_sync(file_holds, candidates, msg_id, self.nsqd.options.max_msg_size)
+        out["examined"] = cost.as_dict()
+        return respond(out)
 
     async def config(self, req: Request) -> Response:
         name = req.path.rsplit("/", 1)[1]
@@ -279,13 +439,6 @@ class HTTPAPI:
 
 
     # ------------------------------------------------------------ beyond nsqd: settings
-
-    def _existing_channel(self, req: Request) -> tuple[Topic, Channel]:
-        topic, channel_name = self._existing_topic_and_channel(req)
-        channel = topic.get_existing_channel(channel_name)
-        if channel is None:
-            raise HTTPError(404, "CHANNEL_NOT_FOUND")
-        return topic, channel
 
     def _changes(self, req: Request, table: dict[str, Setting]) -> dict[str, object]:
         """POST: the settings asked for (400 if none or one does not parse)."""
@@ -332,15 +485,9 @@ class HTTPAPI:
 
     # ------------------------------------------------------------ beyond nsqd: dead letters
 
-    def _dead_letter_topic(self, req: Request) -> Topic:
-        topic = self.nsqd.get_existing_topic(self._topic_name(req))
-        if topic is None:
-            raise HTTPError(404, "TOPIC_NOT_FOUND")
-        return topic
-
     async def dead_letter_message(self, req: Request) -> Response:
         """``GET /dead_letter/message?topic=D&id=X``: where dead letter X of topic D came from."""
-        topic = self._dead_letter_topic(req)
+        topic = self._existing_topic(req)
         msg_id = req.arg("id")
         if msg_id is None:
             raise HTTPError(400, "MISSING_ARG_ID")
@@ -354,8 +501,8 @@ class HTTPAPI:
     async def dead_letter_messages(self, req: Request) -> Response:
         """``GET /dead_letter/messages?topic=D[&n=100]``: the origins kept for
         topic D's dead letters, oldest first (at most n, default 100)."""
-        topic = self._dead_letter_topic(req)
-        n = _count_arg(req, 100)
+        topic = self._existing_topic(req)
+        n = self._int_arg(req, "n", 100, 0, 1 << 62)
         dlq = self.nsqd.dead_letters.logs.get(topic.name)
         entries = list(dlq.entries.values()) if dlq is not None else []
         return respond({"count": len(entries), "messages": [o.to_json() for o in entries[:n]]})
@@ -366,25 +513,29 @@ class HTTPAPI:
         channel C) back into the channels they came from (``to=topic``: onto
         their topics, every channel); answers how many moved and how many
         stayed (origin unknown, or its channel gone)."""
-        topic = self._dead_letter_topic(req)
+        topic = self._existing_topic(req)
         channel = None
         if req.has_arg("channel"):
             _, channel = self._existing_channel(req)
         to = req.arg("to") or "channel"
         if to not in ("channel", "topic"):
             raise HTTPError(400, "INVALID_ARG_TO")
-        limit = _count_arg(req, 0)
+        limit = self._int_arg(req, "n", 0, 0, 1 << 62)
         moved, kept = await self.nsqd.dead_letters.requeue(topic, channel, limit, to_topic=to == "topic")
         return respond({"moved": moved, "kept": kept})
 
 
-def _count_arg(req: Request, default: int) -> int:
-    if not req.has_arg("n"):
-        return default
-    try:
-        n = int(req.arg("n") or "")
-    except ValueError:
-        raise HTTPError(400, "INVALID_ARG_N") from None
-    if n < 0:
-        raise HTTPError(400, "INVALID_ARG_N")
-    return n
+async def _extend_id_indexes(backends: Sequence[object]) -> None:
+    """Bring each disk queue's id index up to its write position: a header
+    walk in a worker thread (the files are only appended to), a few rounds
+    while publishers keep writing, the last small tail left to the lookup."""
+    for backend in backends:
+        plan_of = getattr(backend, "id_index_plan", None)
+        if plan_of is None:
+            continue
+        for _ in range(3):
+            token, plan = plan_of()
+            if sum(end - start for _, _, start, end in plan) <= _ID_INDEX_INLINE_BYTES:
+                break
+            blocks = await trio.to_thread.run_sync(index_ids, plan, backend._min, backend._max)  # type: ignore[attr-defined]
+            backend.add_id_blocks(token, plan, blocks)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from .guid import block_index
 from .message import Message, MessageBatch, Messages
 
 
@@ -127,6 +128,43 @@ class MemoryQueue:
             self._items = deque(m for m in self._items if id(m) not in taken)
             self._len -= len(out)
         return out
+
+    def peek(self, limit: int) -> Iterator[Message]:
+        """Up to ``limit`` messages from the head, in order, taking nothing:
+        queued ones as they are, a batch's made for the look (never more than
+        ``limit`` of them)."""
+        pos = self._pos
+        left = limit
+        for item in self._items:
+            if left <= 0:
+                return
+            if isinstance(item, Message):
+                left -= 1
+                yield item
+            else:
+                lo = item.lo + pos
+                hi = min(item.hi, lo + left)
+                left -= hi - lo
+                yield from item.messages(lo, hi)
+            pos = 0
+
+    def find(self, msg_id: bytes) -> tuple[int, Message] | None:
+        """(messages ahead of it, the message) for an id in the queue, or None.
+        One step per entry: a batch answers from its id range."""
+        ahead = 0
+        pos = self._pos
+        for item in self._items:
+            if isinstance(item, Message):
+                if item.id == msg_id:
+                    return ahead, item
+                ahead += 1
+            else:
+                i = block_index(item.id_base, item.id_first, msg_id)
+                if i is not None and item.lo + pos <= i < item.hi:
+                    return ahead + i - item.lo - pos, item.message(i)
+                ahead += len(item) - pos
+            pos = 0
+        return None
 
     def clear(self) -> None:
         self._items.clear()

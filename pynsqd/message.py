@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any, Union
 
 from .guid import block_id, block_ids
@@ -141,6 +143,8 @@ class MessageBatch:
         return f"MessageBatch({len(self)} messages)"
 
 
+_FRAME_LEN = struct.Struct(">i")
+
 # what topics and channels pass around: a list of messages, or one MPUB's
 Messages = Union[list[Message], MessageBatch]
 
@@ -150,6 +154,23 @@ def encode_messages(msgs: Messages) -> list[bytes]:
     if type(msgs) is MessageBatch:
         return msgs.encode()
     return [m.encode() for m in msgs]
+
+
+def disk_frames(msgs: Messages) -> bytes:
+    """``msgs`` as go-diskqueue records, each with its length prefix, in one
+    buffer (an MPUB's straight from its buffer: no record object per message)."""
+    if type(msgs) is MessageBatch:
+        lo, hi = msgs.lo, msgs.hi
+        ids = block_ids(msgs.id_base, msgs.id_first, lo, hi)
+        bodies = msgs._bodies(lo, hi)
+        prefix = MESSAGE_RECORD_PREFIX.pack(msgs.timestamp, 0)
+        if msgs.size:
+            heads: Iterable[bytes] = repeat(_FRAME_LEN.pack(26 + msgs.size) + prefix)
+        else:
+            heads = [_FRAME_LEN.pack(26 + len(b)) + prefix for b in bodies]
+        return b"".join(chain.from_iterable(zip(heads, ids, bodies)))
+    pack = MESSAGE_RECORD_PREFIX.pack
+    return b"".join([_FRAME_LEN.pack(26 + len(m.body)) + pack(m.timestamp, m.attempts) + m.id + m.body for m in msgs])
 
 
 def any_deferred(msgs: Messages) -> bool:

@@ -43,6 +43,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_topic_disk_bytes": ("gauge", "Bytes of messages the topic and its channels hold queued on disk (what the bound counts)."),
     "nsqd_topic_max_disk_bytes": ("gauge", "The topic's disk bound: publishes are refused past it."),
     "nsqd_topic_disk_full": ("gauge", "1 while the topic refuses publishes (its disk bound reached, not yet back to 90%)."),
+    "nsqd_topic_retained_messages": ("gauge", "Messages kept by the topic's retention (retaining topics only)."),
+    "nsqd_topic_retained_bytes": ("gauge", "Bytes of the topic's retention log on disk (retaining topics only)."),
+    "nsqd_topic_retained_oldest_timestamp_seconds": ("gauge", "Publish time of the oldest retained message (retaining topics only)."),
     "nsqd_channel_depth": ("gauge", "Messages queued in the channel (memory + disk)."),
     "nsqd_channel_backend_depth": ("gauge", "Messages of the channel queued on disk."),
     "nsqd_channel_in_flight": ("gauge", "Messages sent to consumers and not yet finished."),
@@ -56,6 +59,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nsqd_channel_e2e_processing_latency_samples": ("gauge", "FINished messages in the channel's e2e window."),
     # only for channels with server-side max attempts (--max-attempts, /channel/settings)
     "nsqd_channel_dead_lettered_total": ("counter", "Messages moved to the channel's dead-letter topic after max attempts."),
+    "nsqd_channel_replayed_total": ("counter", "Retained messages given to the channel again by its current replay (while one runs)."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
 }
@@ -148,6 +152,11 @@ def render_metrics(
             exp.add("nsqd_topic_disk_bytes", t["disk_bytes"], topic=topic)
             exp.add("nsqd_topic_max_disk_bytes", t["max_disk_bytes"], topic=topic)
             exp.add("nsqd_topic_disk_full", bool(t["disk_full"]), topic=topic)
+        kept = t.get("retention")
+        if kept is not None:
+            exp.add("nsqd_topic_retained_messages", kept["messages"], topic=topic)
+            exp.add("nsqd_topic_retained_bytes", kept["disk_bytes"], topic=topic)
+            exp.add("nsqd_topic_retained_oldest_timestamp_seconds", kept["oldest_timestamp"] / 1e9, topic=topic)
         for c in t["channels"]:
             labels = {"topic": topic, "channel": c["channel_name"]}
             exp.add("nsqd_channel_depth", c["depth"], **labels)
@@ -162,6 +171,8 @@ def render_metrics(
             _latency(exp, "nsqd_channel_e2e_processing_latency", c.get("e2e_processing_latency"), **labels)
             if "dead_letter_count" in c:
                 exp.add("nsqd_channel_dead_lettered_total", c["dead_letter_count"], **labels)
+            if c.get("replay") is not None:
+                exp.add("nsqd_channel_replayed_total", c["replay"]["replayed"], **labels)
     exp.add("process_resident_memory_bytes", rss_bytes)
     exp.add("process_start_time_seconds", start_time)
     return exp.render()

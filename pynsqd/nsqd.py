@@ -25,8 +25,8 @@ from .backend_queue import BackendQueue, DummyBackendQueue
 from .channel import Channel
 from .dead_letter import DeadLetters
 from .disk_queue import DiskQueue, list_data_files
-from .files import unlink_quiet as _unlink_quiet
-from .files import write_atomically as _write_atomically
+from .fsutil import unlink_quiet as _unlink_quiet
+from .fsutil import write_atomically as _write_atomically
 from .client_v2 import ClientV2
 from .e2e import LatencyStream
 from .auth import Auth
@@ -40,6 +40,7 @@ from .protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
 from .settings import CHANNEL_SETTINGS, TOPIC_SETTINGS, from_metadata
 from .streams import DeflateStream, SnappyStream
 from .tls import TLSRequiredRouter, build_server_context, connection_info, upgrade_server_stream
+from .retention import Retention
 from .topic import Topic
 
 # a topic drain hands this many messages to the channels between yields
@@ -124,8 +125,14 @@ class NSQD:
         self.services: list[Callable[[], Awaitable[None]]] = []
         # server-side max attempts and the dead-letter topics (dead_letter.py)
         self.dead_letters = DeadLetters(self)
+        # read a topic's extra keys of nsqd.dat (its settings) once loaded
+        self.topic_metadata_loaders: list[Callable[[Topic], None]] = []
+        # run at the end of close(), once the queues are on disk
+        self.close_hooks: list[Callable[[], None]] = []
         # nsqlookupd registration and new topics' channel pre-creation
         self.lookup = Lookup(self).install()
+        # per-topic retention and channel replays
+        self.retention = Retention(self).install()
         if options.statsd_address:
             from .statsd import StatsdService
 
@@ -228,6 +235,8 @@ class NSQD:
         for topic in self.topics.values():
             out.append(topic.backend)
             out.extend(c.backend for c in topic.channels.values())
+            if topic.retention is not None:
+                out.append(topic.retention)  # type: ignore[arg-type]
         out.extend(self.dead_letters.logs.values())
         return out
 
@@ -332,6 +341,8 @@ class NSQD:
                     topic.pause()
                 topic.settings = self._settings_of(t, TOPIC_SETTINGS, ("name", "paused", "channels"), name)
                 self.apply_topic_settings(topic)
+                for load in self.topic_metadata_loaders:
+                    load(topic)
                 for c in t.get("channels") or []:
                     cname = c.get("name", "")
                     if not is_valid_channel_name(cname):
@@ -721,6 +732,11 @@ class NSQD:
                 self.log.exception("failed to flush topic", topic=topic.name)
         self.dead_letters.close()
         self.log.info(f"NSQ: persisted {written} in-memory messages to disk at exit", data_path=self.data_path)
+        for hook in self.close_hooks:
+            try:
+                hook()
+            except Exception:
+                self.log.exception("close hook failed")
 
     def _log_persisted(self, queue: str, owner: Topic | Channel, counts: dict[str, int]) -> int:
         """One line per queue that had messages only in memory: what was

@@ -119,7 +119,7 @@ class Options(DaemonOptions):
         help="number of channels to check per cycle (every 100ms) for in-flight and deferred timeouts (accepted for compatibility, unused)",
     )
 
-    # beyond nsqd: off by default (README, "Dead-letter topics" and "Bounded disk")
+    # beyond nsqd, each off by default (README: dead-letter topics, bounded disk, retention and replay)
     max_attempts: int = flag_field(
         0, flag="max-attempts", kind="int",
         help="deliveries of a message a channel makes before moving it to its dead-letter topic instead of delivering it again "
@@ -133,6 +133,16 @@ class Options(DaemonOptions):
         0, flag="max-disk-bytes-per-topic", kind="int",
         help="bytes of queued messages a topic and its channels may hold on disk before publishes to it are refused "
         "(0: unbounded, as nsqd; per topic: POST /topic/settings?max_disk_bytes=)",
+    )
+    retention_time: float = flag_field(
+        0.0, flag="retention-time", kind="duration",
+        help="keep each topic's messages this long whether or not its channels finished them, for rewinding channels "
+        "(0: no time bound; per topic: POST /topic/retention) (pynsqd only)",
+    )
+    retention_bytes: int = flag_field(
+        0, flag="retention-bytes", kind="int",
+        help="keep at most this many bytes of each topic's retained messages, oldest files deleted first "
+        "(0: no size bound; either bound turns retention on) (pynsqd only)",
     )
 
     # messages and commands
@@ -212,7 +222,8 @@ class Options(DaemonOptions):
             raise ValueError(f"--node-id must be [0,1024) (got {self.node_id})")
         if not 1 <= self.max_deflate_level <= 9:
             raise ValueError(f"--max-deflate-level must be [1,9] (got {self.max_deflate_level})")
-        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port", "max_disk_bytes_per_topic"):
+        for name in ("mem_queue_size", "max_channel_consumers", "sync_every", "broadcast_tcp_port", "broadcast_http_port",
+                     "max_disk_bytes_per_topic", "retention_bytes", "retention_time"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         for name in (

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .backend_queue import BackendError, BackendQueue
 from .channel import Channel
@@ -32,6 +32,7 @@ from .protocol import is_ephemeral
 
 if TYPE_CHECKING:
     from .e2e import LatencyStream
+    from .retention import RetentionLog
 
 log = get_logger()
 
@@ -99,7 +100,10 @@ class Topic:
         # are refused (0: unbounded, as nsqd); see check_disk_bound
         self.max_disk_bytes = 0
         self.disk_full = False
-        # nsqd.dat keys of settings made through the HTTP API (settings.py)
+        # the log keeping what the topic accepts, when retention is on (retention.py)
+        self.retention: RetentionLog | None = None
+        # nsqd.dat extra keys of this topic's entry: settings made through the
+        # HTTP API (settings.py) and retention (retention.py)
         self.settings: dict[str, object] = {}
 
     def __repr__(self) -> str:
@@ -177,6 +181,29 @@ class Topic:
                 self._on_backlog(self)
         self.message_count += len(msgs)
         self.message_bytes += body_bytes(msgs)
+
+    def retain(self, log: RetentionLog | None) -> None:
+        """Keep (or stop keeping) everything the topic accepts in ``log``.  A
+        topic without retention pays nothing: only a retaining instance has
+        its ``put_messages`` replaced by :meth:`_put_retained`."""
+        self.retention = log
+        if log is None:
+            self.__dict__.pop("put_messages", None)
+        else:
+            self.put_messages = self._put_retained  # type: ignore[method-assign]
+
+    def _put_retained(self, msgs: Messages) -> None:
+        """Into the log first (so a message is never delivered without being
+        retained), taken back if the publish is refused after all."""
+        log = self.retention
+        if self.exiting or log is None:
+            raise TopicExiting(self.name)
+        before = log.append(msgs)
+        try:
+            Topic.put_messages(self, msgs)
+        except BaseException:
+            log.undo(before)
+            raise
 
     def _store(self, msgs: Messages) -> None:
         mem = self.memory
@@ -490,6 +517,8 @@ class Topic:
             out["disk_bytes"] = self.disk_bytes()
             out["max_disk_bytes"] = self.max_disk_bytes
             out["disk_full"] = self.disk_refuses()
+        if self.retention is not None:
+            out["retention"] = self.retention.stats()
         return out
 
 

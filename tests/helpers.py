@@ -520,6 +520,16 @@ def drain(nsqd: Daemon, topic: str, channel: str, timeout: float = 60.0) -> list
                 fins = []
 
 
+PYNSQ_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pynsq_driver.py")
+
+
+def run_driver(*args: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Run pynsq through tests/pynsq_driver.py; its JSON events."""
+    proc = subprocess.run([sys.executable, PYNSQ_DRIVER, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (for a restart on the same port)."""
     with socket.socket() as s:

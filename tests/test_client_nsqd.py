@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
 
 from pynsqd.client import Message, NSQError, Reader, Writer
-from helpers import Daemon, eventually, http_request, on_both_backends, start_nsqd
+from helpers import Daemon, eventually, http_request, on_both_backends, run_driver, start_nsqd
 
-DRIVER = str(Path(__file__).parent / "pynsq_driver.py")
 
 
 def channel_stats(daemon: Daemon, topic: str, channel: str) -> dict | None:
@@ -326,12 +323,6 @@ async def test_writer_keeps_publishing_while_an_nsqd_is_killed_and_restarted(tmp
 
 
 # ---------------------------------------------------------------- pynsq on the other side
-
-
-def run_driver(*args: str, timeout: float = 60.0) -> list[dict]:
-    proc = subprocess.run([sys.executable, DRIVER, *args], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @on_both_backends

@@ -38,6 +38,9 @@ def stats_with(topic_name: str, channel_name: str) -> list[dict]:
             "message_bytes": 1000,
             "paused": True,
             "e2e_processing_latency": e2e,
+            # a retaining topic (issue 14) and a channel being replayed
+            "retention": {"time": 3600 * 10**9, "bytes": 0, "disk_bytes": 2300, "messages": 10, "files": 1,
+                          "oldest_timestamp": 1_700_000_000 * 10**9, "newest_timestamp": 1_700_000_001 * 10**9},
             "channels": [
                 {
                     "channel_name": channel_name,
@@ -52,6 +55,7 @@ def stats_with(topic_name: str, channel_name: str) -> list[dict]:
                     "clients": [],
                     "paused": False,
                     "e2e_processing_latency": e2e,
+                    "replay": {"since": 0, "replayed": 7, "done": False},
                 }
             ],
         }
@@ -95,10 +99,20 @@ def test_render_parses_with_help_types_and_escaped_labels() -> None:
     assert (got[("nsqd_topic_disk_bytes", t)], got[("nsqd_topic_max_disk_bytes", t)], got[("nsqd_topic_disk_full", t)]) == (2600, 4096, 0)
     assert got[("nsqd_channel_dead_lettered_total", tc)] == 7
     assert got[("nsqd_info", (("version", "1.3.0"),))] == 1
+    assert got[("nsqd_topic_retained_messages", t)] == 10 and got[("nsqd_topic_retained_bytes", t)] == 2300
+    assert got[("nsqd_topic_retained_oldest_timestamp_seconds", t)] == 1_700_000_000
+    assert got[("nsqd_channel_replayed_total", tc)] == 7
     assert got[("nsqd_healthy", ())] == 1
     assert got[("nsqd_clients", ())] == 3
     assert got[("process_resident_memory_bytes", ())] == 12345
     assert got[("process_start_time_seconds", ())] == 1700000000.0
+
+
+def test_retention_and_replay_families_appear_only_where_they_are_on() -> None:
+    plain = stats_with("t", "c")
+    del plain[0]["retention"], plain[0]["channels"][0]["replay"]
+    text = render_metrics(plain, version="1.3.0", healthy=True, clients=0, rss_bytes=1, start_time=1.0)
+    assert "retained" not in text and "replayed" not in text
 
 
 def test_escaping_rules() -> None:

@@ -1,0 +1,222 @@
+"""A channel rewound to a point in time, or created from the oldest retained
+message: its topic's retained messages (``retention.py``) published since
+then are given to it again, original ids and timestamps kept, at least once.
+
+The replay covers the log up to where it ended when the rewind was asked
+for; what is published afterwards reaches the channel as usual.  It is fed
+to the channel a step at a time, while the channel holds fewer than
+``window`` messages, so a replay of a long history never copies it all into
+the channel's queue.  Its cursor lives beside the queue,
+``<topic>:<channel>.pynsqd-replay.json`` (Go ignores it), rewritten after
+each step once the step is in the channel's queue (in ``--sync-every=1``,
+after the group commit that made it durable): a restart -- SIGTERM, or kill
+-9 in sync mode -- resumes from there, a step given again at worst.
+
+A replayed message can meet the channel's own copy (still queued, or in
+flight when the rewind came): the channel then guards its deliveries (see
+``Channel.guard_duplicates``) until it is drained after the replay, which is
+when the cursor file goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .backend_queue import BackendError
+from .channel import ChannelExiting
+from .fsutil import unlink_quiet, write_atomically
+from .guid import block_id
+from .log import get_logger
+from .message import MessageBatch, Messages
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .nsqd import NSQD
+    from .retention import Position
+    from .topic import Topic
+
+STEP = 1000
+WINDOW = 10_000
+# how often a channel that is behind, or finished but not yet drained, is looked at again
+IDLE_POLL = 0.02
+DRAINED_POLL = 1.0
+
+log = get_logger()
+
+
+class Replay:
+    """One channel's replay: from where, up to where, how far it got."""
+
+    __slots__ = ("since", "next", "end", "lo", "hi", "replayed", "skipped", "path", "done", "dropped_max", "pins")
+
+    def __init__(self, since: int, start: Position, end: Position, path: str, ids: tuple[bytes, bytes] = (b"", b"")) -> None:
+        self.since = since
+        self.next = start
+        self.end = end
+        # the ids of the log from ``start`` to ``end``: a message of the topic
+        # with an id in there (ids grow with time) published since ``since``
+        # is one the replay gives
+        self.lo, self.hi = ids
+        self.replayed = 0
+        self.skipped = 0
+        self.path = path
+        self.done = start >= end
+        # the largest id left out of the topic's backlog because the replay
+        # gives it: the log keeps its file until the replay has read it
+        self.dropped_max = b""
+        self.pins: dict[object, int] | None = None
+
+    def keep(self, msgs: Messages) -> Messages:
+        """What of a batch from the topic's held backlog the channel still
+        needs: those the replay will give (or gave) are left out, so a
+        channel created from the oldest message on a topic holding a backlog
+        gets each message once."""
+        lo, hi, since = self.lo, self.hi, self.since
+        if not hi:
+            return msgs
+        if type(msgs) is MessageBatch:
+            if not len(msgs) or msgs.timestamp < since:
+                return msgs
+            first = block_id(msgs.id_base, msgs.id_first, msgs.lo)
+            last = block_id(msgs.id_base, msgs.id_first, msgs.hi - 1)
+            if last < lo or first > hi:
+                return msgs
+        kept = []
+        dropped = b""
+        for m in msgs:
+            if lo <= m.id <= hi and m.timestamp >= since:
+                dropped = max(dropped, m.id)
+            else:
+                kept.append(m)
+        if dropped:
+            self.dropped_max = max(self.dropped_max, dropped)
+            if self.pins is not None and not self.done:
+                self.pins[self] = self.next[0]
+        return kept
+
+    def stats(self) -> dict[str, Any]:
+        return {"since": self.since, "replayed": self.replayed, "done": self.done}
+
+    def dump(self) -> bytes:
+        return json.dumps(
+            {
+                "version": 1, "since": self.since, "next": list(self.next), "end": list(self.end),
+                "ids": [self.lo.decode(), self.hi.decode()], "dropped_max": self.dropped_max.decode(),
+                "replayed": self.replayed, "done": self.done,
+            }
+        ).encode()
+
+    @classmethod
+    def load(cls, path: str) -> Replay | None:
+        try:
+            with open(path, "rb") as fh:
+                data = json.load(fh)
+            lo, hi = data.get("ids") or ("", "")
+            ids = (str(lo).encode(), str(hi).encode())
+            replay = cls(int(data["since"]), tuple(data["next"]), tuple(data["end"]), path, ids)  # type: ignore[arg-type]
+            replay.replayed = int(data.get("replayed", 0))
+            replay.dropped_max = str(data.get("dropped_max", "")).encode()
+            replay.done = bool(data.get("done")) or replay.done
+            return replay
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable replay cursor", file=path, error=str(exc))
+            return None
+
+    def merged(self, other: Replay) -> Replay:
+        """A rewind while this replay runs: the union of both (nothing either
+        promised is dropped), up to the newer end."""
+        ids = (min(self.lo or other.lo, other.lo or self.lo), max(self.hi, other.hi))
+        out = Replay(min(self.since, other.since), min(self.next, other.next), max(self.end, other.end), self.path, ids)
+        out.replayed = self.replayed
+        out.dropped_max = self.dropped_max
+        return out
+
+    def save(self) -> None:
+        write_atomically(self.path, self.dump())
+
+
+def cursor_path(nsqd: NSQD, topic: Topic, channel: Channel) -> str:
+    return os.path.join(nsqd.data_path, f"{topic.name}:{channel.name}.pynsqd-replay.json")
+
+
+async def save_cursor(nsqd: NSQD, topic: Topic, channel: Channel) -> None:
+    """Write the channel's replay cursor as it is now (in a worker thread),
+    one write at a time per channel, so that the file never goes back to an
+    older replay's state; a replay cancelled meanwhile takes its file along."""
+    path = cursor_path(nsqd, topic, channel)
+    async with nsqd.retention.cursor_lock(channel):
+        replay = channel.replay
+        if replay is not None and not channel.exiting:
+            await trio.to_thread.run_sync(write_atomically, path, replay.dump())
+        if channel.replay is None or channel.exiting:
+            unlink_quiet(path)
+
+
+def persistent(topic: Topic, channel: Channel) -> bool:
+    return not (topic.ephemeral or channel.ephemeral)
+
+
+async def run(nsqd: NSQD, topic: Topic, channel: Channel, replay: Replay) -> None:
+    """Feed ``replay`` into ``channel`` until done, then wait for the channel
+    to drain and forget the replay.  Ends early when the replay is replaced
+    (another rewind), the channel or topic goes, or retention is turned off."""
+    source = f"replay {topic.name}:{channel.name}"
+    window = WINDOW if persistent(topic, channel) else max(1, min(WINDOW, channel.mem_queue_size))
+    retry = 0.05
+    try:
+        while not replay.done:
+            retained = topic.retention
+            if channel.replay is not replay or channel.exiting or retained is None:
+                return
+            if channel.depth() >= window:
+                await trio.sleep(IDLE_POLL)
+                continue
+            msgs, nxt, skipped = retained.read(replay.next, replay.end, STEP, replay.since)
+            if skipped:
+                replay.skipped += skipped
+                log.warning("replay: retained files expired before they were replayed", topic=topic.name, channel=channel.name, files=skipped)
+            try:
+                if msgs:
+                    channel.put_replayed(msgs)
+            except ChannelExiting:
+                return
+            except BackendError as exc:
+                nsqd.set_unhealthy(source, str(exc))
+                await trio.sleep(retry)
+                retry = min(retry * 2, 1.0)
+                continue
+            retry = 0.05
+            nsqd.set_healthy(source)
+            replay.next = nxt
+            replay.replayed += len(msgs)
+            replay.done = nxt >= replay.end
+            if replay in retained.pins:
+                if replay.done or (msgs and msgs[-1].id >= replay.dropped_max):
+                    del retained.pins[replay]  # past every message it left out of the backlog
+                else:
+                    retained.pins[replay] = replay.next[0]
+            if persistent(topic, channel):
+                if nsqd.durable and getattr(channel.backend, "dirty", False):
+                    nsqd._mark_sync_due(channel.backend)
+                    await nsqd.sync_barrier()
+                await save_cursor(nsqd, topic, channel)
+            await trio.sleep(0)
+        log.info("replay: done", topic=topic.name, channel=channel.name, replayed=replay.replayed)
+        # copies of a message may still be queued twice: the guard stays
+        # (also over a restart, through the cursor file) until the channel is drained
+        while channel.replay is replay and not channel.exiting:
+            if channel.depth() == 0 and not channel.in_flight and not channel.deferred:
+                channel.replay = None
+                unlink_quiet(replay.path)
+                return
+            await trio.sleep(DRAINED_POLL)
+    finally:
+        nsqd.set_healthy(source)
+        if replay.pins is not None:
+            replay.pins.pop(replay, None)
