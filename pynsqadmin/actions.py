@@ -5,19 +5,26 @@ Every action is an entry of :data:`ACTIONS` (its name is the one nsqadmin
 sends to ``--notification-http-endpoint``); a page shows the actions of its
 ``scope`` ("topic", "channel", "node_topic" for one nsqd's part of a topic,
 "lookupd" for registrations) as POST forms, each confirmed on a second page
-before anything happens.  A later feature -- peeking at messages, dead-letter
-move-back, channel rewind -- is one more entry with its runner and, where it
-needs input, its ``fields``: the pages, the confirmation, the CSRF check, the
-read-only flag and the notifications come with it.
+before anything happens.  An action that needs input has ``fields``: each
+parsed (and refused with a 400) before the confirmation, shown on it, bound
+into its token and handed to the runner in ``Target.values``.  pynsqd's
+opt-in features (dead letters, bounded disk, retention and rewind) are such
+entries, offered only where a page found them (``requires``: facts a page
+states, such as "pynsqd" for an nsqd answering their endpoints).
 """
 
 from __future__ import annotations
 
+import datetime
+import re
+import time
 from collections.abc import Awaitable, Callable
 
 import attrs
 
-from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
+from pynsqd.flags import parse_duration
+from pynsqd.protocol import is_ephemeral, is_valid_channel_name, is_valid_topic_name
+from pynsqd.retention import parse_since
 
 from .cluster_info import Answer, ClusterInfo, producer_address
 
@@ -31,6 +38,8 @@ class Target:
     topic: str = ""
     channel: str = ""
     node: str = ""
+    # the action's fields as parsed by validate(): name -> the value sent
+    values: dict[str, str] = attrs.field(factory=dict, hash=False)
 
 
 @attrs.frozen
@@ -40,6 +49,8 @@ class Outcome:
     daemon: str  # "nsqd host:port" / "nsqlookupd host:port"
     request: str  # "POST /channel/pause"
     error: str = ""
+    # numbers the daemon answered that the action's notice reports (moved, kept)
+    counts: dict[str, int] = attrs.field(factory=dict, hash=False)
 
     @property
     def ok(self) -> bool:
@@ -49,13 +60,25 @@ class Outcome:
 Runner = Callable[[ClusterInfo, Target], Awaitable[list[Outcome]]]
 
 
+def _text(text: str) -> str:
+    return text
+
+
 @attrs.frozen
 class Field:
-    """An extra input an action asks for (validated by its runner)."""
+    """An extra input an action asks for.  ``parse`` turns what was typed
+    into the value sent to the daemons (a ValueError refuses it); it must
+    give back what it is given once parsed, as the confirmation sends it again."""
 
     name: str
     label: str
     placeholder: str = ""
+    required: bool = True
+    parse: Callable[[str], str] = _text
+    # (value, label): a choice instead of a text box
+    choices: tuple[tuple[str, str], ...] = ()
+    # what the question says of a blank optional value
+    blank: str = ""
 
 
 @attrs.frozen
@@ -70,19 +93,88 @@ class Action:
     fields: tuple[Field, ...] = ()
     # where to go afterwards: "topic", "channel", "topics", "lookup"
     then: str = "same"
-    # offered only when the target is "paused" (on any nsqd) / "unpaused" (on some)
-    show_if: str = ""
+    # offered only where the page states every one of these facts (see facts())
+    requires: frozenset[str] = frozenset()
+    # Outcome.counts summed into the notice ("{moved}")
+    counts: tuple[str, ...] = ()
+    # where the page puts it: "" its actions bar, else that section's
+    group: str = ""
 
-    def offered(self, paused_on: int, nodes: int) -> bool:
-        if self.show_if == "paused":
-            return paused_on > 0
-        if self.show_if == "unpaused":
-            return paused_on < nodes or nodes == 0
-        return True
+    def offered(self, facts: frozenset[str] | set[str]) -> bool:
+        return self.requires <= facts
+
+
+def facts(paused_on: int, nodes: int, *more: str) -> frozenset[str]:
+    """What a page says of its topic or channel, for Action.requires:
+    "paused" (on any nsqd), "unpaused" (on some), and the page's ``more``."""
+    out = set(more)
+    if paused_on > 0:
+        out.add("paused")
+    if paused_on < nodes or nodes == 0:
+        out.add("unpaused")
+    return frozenset(out)
+
+
+# ---------------------------------------------------------------- fields' values
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(text: str) -> str:
+    """Bytes as an integer: ``1048576``, ``10MB`` (10^7), ``1GiB`` (2^30)."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError("a size in bytes, as 1048576, 500MB or 2GiB")
+    unit = 1024 if m.group(3) else 1000
+    value = int(float(m.group(1)) * unit ** _POWERS[m.group(2).lower()])
+    if value >= 1 << 63:
+        raise ValueError("too large")
+    return str(value)
+
+
+def _int_field(lo: int, hi: int) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"{lo} to {hi}")
+        return str(value)
+
+    return parse
+
+
+def _duration(text: str) -> str:
+    if parse_duration(text) < 0:  # Go's syntax (90m, 72h), as nsqd parses it
+        raise ValueError("negative")
+    return text.strip()
+
+
+def _dead_letter_topic(text: str) -> str:
+    if not is_valid_topic_name(text) or is_ephemeral(text):
+        raise ValueError("a durable topic name")
+    return text
+
+
+def _since(text: str) -> str:
+    """As /channel/rewind takes it (oldest, unix ns, RFC 3339, a duration
+    ago); a time typed without its offset is this pynsqadmin's local time,
+    sent as unix nanoseconds."""
+    text = text.strip()
+    try:
+        parse_since(text, time.time_ns())
+        return text
+    except ValueError:
+        stamp = datetime.datetime.fromisoformat(text)  # ValueError: refused
+    return str(int(stamp.astimezone().timestamp()) * 1_000_000_000 + stamp.microsecond * 1000)
+
+
+def _counts(data: object) -> dict[str, int]:
+    """The numbers of a JSON answer ({"moved":12,"kept":0})."""
+    return {k: v for k, v in data.items() if type(v) is int} if isinstance(data, dict) else {}
 
 
 def _outcomes(kind: str, request: str, answers: dict[str, Answer]) -> list[Outcome]:
-    return [Outcome(f"{kind} {addr}", request, a.error) for addr, a in sorted(answers.items())]
+    return [Outcome(f"{kind} {addr}", request, a.error, _counts(a.data)) for addr, a in sorted(answers.items())]
 
 
 async def _topic_producers(ci: ClusterInfo, topic: str) -> tuple[list[str], list[Outcome]]:
@@ -108,12 +200,17 @@ async def _topic_producers(ci: ClusterInfo, topic: str) -> tuple[list[str], list
     return list(nodes), problems
 
 
-def _on_producers(path: str, with_channel: bool) -> Runner:
+def _on_producers(path: str, with_channel: bool, fixed: dict[str, str] | None = None, names: tuple[str, ...] = (), blank: str = "") -> Runner:
+    """POST ``path`` on every nsqd that has the topic, with ``fixed`` and the
+    fields ``names`` (a blank one sent as ``blank``, or left out)."""
+
     async def run(ci: ClusterInfo, target: Target) -> list[Outcome]:
         nodes, outcomes = await _topic_producers(ci, target.topic)
-        query = {"topic": target.topic}
-        if with_channel:
-            query["channel"] = target.channel
+        query = {"topic": target.topic, **({"channel": target.channel} if with_channel else {}), **(fixed or {})}
+        for name in names:
+            value = target.values.get(name) or blank
+            if value:
+                query[name] = value
         outcomes += _outcomes("nsqd", f"POST {path}", await ci.each("POST", nodes, path, query))
         return outcomes
 
@@ -166,6 +263,39 @@ async def _tombstone(ci: ClusterInfo, target: Target) -> list[Outcome]:
     return outcomes
 
 
+def _reset(name: str, scope: str, what: str, flags: str, path: str, fixed: dict[str, str], made: str, warning: str = "") -> Action:
+    """A setting made for a topic or channel removed: the flags apply again
+    (offered where the page found the setting ``made``)."""
+    target = "channel “{channel}” of topic “{topic}”" if scope == "channel" else "topic “{topic}”"
+    return Action(
+        name,
+        scope,
+        f"Reset {what}",
+        f"Give {target} the daemon's {flags} again, on every nsqd that has it?{warning}",
+        f"{what.capitalize()} reset to the daemon's flags.",
+        _on_producers(path, scope == "channel", fixed),
+        danger=bool(warning),
+        group="settings",
+        requires=frozenset({"pynsqd", made}),
+    )
+
+
+def _move_back(name: str, scope: str, source: str) -> Action:
+    """Dead letters moved back from a dead-letter topic's own queue, or one of its channels."""
+    return Action(
+        name,
+        scope,
+        "Move back",
+        f"Move the messages queued in {source} back to {{to}}, on every nsqd that has it?",
+        "Moved back {moved} messages ({kept} stayed: origin unknown or gone).",
+        _on_producers("/dead_letter/requeue", scope == "channel", names=("to",)),
+        fields=(Field("to", "to", choices=(("channel", "the channels they came from"), ("topic", "their topics (every channel)"))),),
+        group="dead_letters",
+        requires=frozenset({"dead_letters"}),
+        counts=("moved", "kept"),
+    )
+
+
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
@@ -179,8 +309,8 @@ ACTIONS: dict[str, Action] = {
             _create,
             then="lookup",
         ),
-        Action("pause_topic", "topic", "Pause", "Pause topic “{topic}” on every nsqd that has it? Messages queue up until unpaused.", "Topic paused.", _on_producers("/topic/pause", False), show_if="unpaused"),
-        Action("unpause_topic", "topic", "Unpause", "Unpause topic “{topic}” on every nsqd that has it?", "Topic unpaused.", _on_producers("/topic/unpause", False), show_if="paused"),
+        Action("pause_topic", "topic", "Pause", "Pause topic “{topic}” on every nsqd that has it? Messages queue up until unpaused.", "Topic paused.", _on_producers("/topic/pause", False), requires=frozenset({"unpaused"})),
+        Action("unpause_topic", "topic", "Unpause", "Unpause topic “{topic}” on every nsqd that has it?", "Topic unpaused.", _on_producers("/topic/unpause", False), requires=frozenset({"paused"})),
         Action(
             "empty_topic",
             "topic",
@@ -216,9 +346,9 @@ ACTIONS: dict[str, Action] = {
             "Pause channel “{channel}” of topic “{topic}” on every nsqd? Its consumers get nothing until unpaused.",
             "Channel paused.",
             _on_producers("/channel/pause", True),
-            show_if="unpaused",
+            requires=frozenset({"unpaused"}),
         ),
-        Action("unpause_channel", "channel", "Unpause", "Unpause channel “{channel}” of topic “{topic}” on every nsqd?", "Channel unpaused.", _on_producers("/channel/unpause", True), show_if="paused"),
+        Action("unpause_channel", "channel", "Unpause", "Unpause channel “{channel}” of topic “{topic}” on every nsqd?", "Channel unpaused.", _on_producers("/channel/unpause", True), requires=frozenset({"paused"})),
         Action(
             "empty_channel",
             "channel",
@@ -238,12 +368,75 @@ ACTIONS: dict[str, Action] = {
             danger=True,
             then="topic",
         ),
+        # pynsqd's opt-in features (README "Beyond NSQ"), where its nsqds have them
+        Action(
+            "set_channel_dead_letter",
+            "channel",
+            "Set dead letters",
+            "Channel “{channel}” of topic “{topic}”: after {max_attempts} deliveries (0: no limit) move a message to "
+            "dead-letter topic {dead_letter_topic} instead of delivering it again -- on every nsqd that has it?",
+            "Dead-letter settings made.",
+            _on_producers("/channel/settings", True, names=("max_attempts", "dead_letter_topic"), blank="default"),
+            fields=(
+                Field("max_attempts", "max attempts", "3", parse=_int_field(0, 65535)),
+                Field("dead_letter_topic", "to topic", "TOPIC.dead", required=False, parse=_dead_letter_topic, blank="(the daemon's --dead-letter-topic)"),
+            ),
+            group="settings",
+            requires=frozenset({"pynsqd"}),
+        ),
+        _reset("clear_channel_dead_letter", "channel", "dead letters", "--max-attempts and --dead-letter-topic", "/channel/settings",
+               {"max_attempts": "default", "dead_letter_topic": "default"}, "channel_settings"),
+        Action(
+            "rewind_channel",
+            "channel",
+            "Rewind",
+            "Give channel “{channel}” of topic “{topic}” again every retained message published since {since}, on every nsqd that has it? "
+            "Its consumers get them again, at least once.",
+            "Channel rewound: the replay runs.",
+            _on_producers("/channel/rewind", True, names=("since",)),
+            fields=(Field("since", "since", "oldest, 90m, 2024-05-01T10:00", parse=_since),),
+            group="rewind",
+            requires=frozenset({"pynsqd", "retention"}),
+        ),
+        Action(
+            "set_topic_disk_bound",
+            "topic",
+            "Bound disk",
+            "Bound topic “{topic}” to {max_disk_bytes} bytes on disk (0: unbounded) on every nsqd that has it? Past it, publishes are refused.",
+            "Disk bound set.",
+            _on_producers("/topic/settings", False, names=("max_disk_bytes",)),
+            fields=(Field("max_disk_bytes", "disk bound", "10GB", parse=parse_size),),
+            group="settings",
+            requires=frozenset({"pynsqd"}),
+        ),
+        _reset("clear_topic_disk_bound", "topic", "disk bound", "--max-disk-bytes-per-topic", "/topic/settings", {"max_disk_bytes": "default"}, "disk_bound_set"),
+        Action(
+            "set_topic_retention",
+            "topic",
+            "Retain",
+            "Keep every message of topic “{topic}” for {time} and up to {bytes} bytes (0: no such bound; both 0: retention off "
+            "and the history kept so far deleted), on every nsqd that has it?",
+            "Retention set.",
+            _on_producers("/topic/retention", False, names=("time", "bytes"), blank="0"),
+            danger=True,
+            fields=(
+                Field("time", "for", "72h", required=False, parse=_duration, blank="0"),
+                Field("bytes", "up to", "10GB", required=False, parse=parse_size, blank="0"),
+            ),
+            group="settings",
+            requires=frozenset({"pynsqd"}),
+        ),
+        _reset("clear_topic_retention", "topic", "retention", "--retention-time and --retention-bytes", "/topic/retention", {"reset": "true"}, "retention_set",
+               warning=" Where they keep nothing, its retained history is deleted."),
+        _move_back("requeue_dead_letters", "topic", "dead-letter topic “{topic}”"),
+        _move_back("requeue_dead_letters_channel", "channel", "channel “{channel}” of dead-letter topic “{topic}”"),
     )
 }
 
 
-def for_scope(scope: str) -> list[Action]:
-    return [a for a in ACTIONS.values() if a.scope == scope]
+def for_scope(scope: str, facts: frozenset[str] | None = None, group: str = "") -> list[Action]:
+    """The actions of a scope and group, those a page's ``facts`` allow (None: all)."""
+    return [a for a in ACTIONS.values() if a.scope == scope and a.group == group and (facts is None or a.offered(facts))]
 
 
 def validate(action: Action, target: Target) -> Target:
@@ -260,7 +453,32 @@ def validate(action: Action, target: Target) -> Target:
             raise ActionError("no node given")
     else:
         target = attrs.evolve(target, node="")
-    return target
+    return attrs.evolve(target, values={f.name: _field_value(f, target.values.get(f.name, "")) for f in action.fields})
+
+
+def _field_value(field: Field, text: str) -> str:
+    text = text.strip()
+    if not text:
+        if field.required:
+            raise ActionError(f"{field.label}: required")
+        return ""
+    if field.choices:
+        if text not in dict(field.choices):
+            raise ActionError(f"{field.label}: not one of the choices")
+        return text
+    try:
+        return field.parse(text)
+    except ValueError as exc:
+        raise ActionError(f"{field.label}: {text!r} is not valid ({exc})") from None
+
+
+def question(action: Action, target: Target) -> str:
+    """The confirmation's question, with the target and the fields' values."""
+    shown = {}
+    for f in action.fields:
+        value = target.values.get(f.name, "")
+        shown[f.name] = dict(f.choices).get(value, value) or f.blank
+    return action.question.format(topic=target.topic, channel=target.channel, node=target.node, **shown)
 
 
 async def run_action(ci: ClusterInfo, action: Action, target: Target) -> list[Outcome]:
@@ -271,4 +489,4 @@ async def run_action(ci: ClusterInfo, action: Action, target: Target) -> list[Ou
     return outcomes
 
 
-__all__ = ["ACTIONS", "Action", "ActionError", "Field", "Outcome", "Target", "for_scope", "run_action", "validate"]
+__all__ = ["ACTIONS", "Action", "ActionError", "Field", "Outcome", "Target", "facts", "for_scope", "parse_size", "question", "run_action", "validate"]

@@ -35,8 +35,8 @@ from pynsqd.http_server import HTTPError, Request, Response, Router, plain_text,
 from pynsqd.log import get_logger
 from pynsqd.protocol import is_valid_channel_name, is_valid_topic_name
 
-from . import graph
-from .actions import ACTIONS, ActionError, Target, for_scope, run_action, validate
+from . import beyond, graph
+from .actions import ACTIONS, ActionError, Target, facts, for_scope, question, run_action, validate
 from .cluster_info import Answer, KnownNode, Snapshot, ago, producer_address
 from .views import ChannelRow, lookupd_registrations, topic_rows, topic_view
 
@@ -142,6 +142,10 @@ class AdminHTTP:
             client_attributes=client_attributes,
             producer_address=producer_address,
             actions_for=for_scope,
+            body_text=beyond.body_text,
+            when=beyond.when,
+            size=beyond.size,
+            peek_counts=beyond.PEEK_COUNTS,
             version=version_string("nsqadmin"),
             sample_interval=format_duration(self.options.sample_interval),
         )
@@ -204,7 +208,11 @@ class AdminHTTP:
 
     def notice(self, req: Request) -> str:
         done = ACTIONS.get(req.arg("done") or "")
-        return done.done if done else ""
+        if done is None:
+            return ""
+        # only numbers come from the URL into the text
+        counts = {k: fmt(int(v)) if (v := req.arg(k) or "").isdigit() else "?" for k in done.counts}
+        return done.done.format(**counts)
 
     def charts(self, topic: str, channel: str, spec: tuple[tuple[str, str, str], ...]) -> list[Any]:
         series = self.admin.history.series(topic, channel)
@@ -287,12 +295,22 @@ class AdminHTTP:
                 return self.message(404, "Topic not found", f"No nsqd or nsqlookupd has topic {topic!r}.", self.url(""))
             registered_only = True
         allowed = self.actions_allowed(req)
+        peek = beyond.peek_count(req.arg("peek"))
+        find = beyond.message_id(req.arg("find"))
+        extras = await beyond.gather(self.cluster, [r.node for r in view.node_rows], topic, dead_letters=beyond.ORIGINS_SHOWN, peek=peek, find=find)
         return self.render(
             "topic.html",
             title=f"Topic {topic}",
             section="topics",
             view=view,
             target=Target(topic),
+            extras=extras,
+            facts=facts(len(view.paused_on), len(view.node_rows), *extras.facts(r.doc for r in view.node_rows)),
+            prefill=extras.prefill(),
+            disk_bound=bool(view.nodes_with("max_disk_bytes")),
+            dead_lettering=any(ch.nodes_with("max_attempts") for ch in view.channels.values()),
+            find=find,
+            find_asked=req.arg("find"),
             node_target=lambda node, t=topic: Target(t, node=node),
             quantiles=sorted({q for row in view.node_rows for q in row.e2e} | {q for ch in view.channels.values() for q in ch.e2e}, reverse=True),
             charts=self.charts(topic, "", TOPIC_CHARTS),
@@ -312,6 +330,9 @@ class AdminHTTP:
             if self.admin.history.series(topic, channel) is None:
                 return self.message(404, "Channel not found", f"No nsqd has channel {channel!r} of topic {topic!r}.", self.url("topics", topic))
             row = ChannelRow(channel)
+        peek = beyond.peek_count(req.arg("peek"))
+        peek_extra = req.arg("all") == "1"
+        extras = await beyond.gather(self.cluster, [r.node for r in row.node_rows], topic, channel, dead_letters=0, peek=peek, peek_extra=peek_extra)
         return self.render(
             "channel.html",
             title=f"Channel {topic}/{channel}",
@@ -320,6 +341,10 @@ class AdminHTTP:
             channel=row,
             down=down,
             target=Target(topic, channel),
+            extras=extras,
+            facts=facts(len(row.paused_on), len(row.node_rows), *extras.facts(r.doc for r in view.node_rows)),
+            prefill=extras.prefill(),
+            dead_lettering=bool(row.nodes_with("max_attempts")),
             quantiles=sorted({q for r in row.node_rows for q in r.e2e}, reverse=True),
             charts=self.charts(topic, channel, CHANNEL_CHARTS),
             connected=lambda ts: format_duration(max(0, int(time.time() - ts))) if ts else "–",
@@ -401,7 +426,8 @@ class AdminHTTP:
     # ------------------------------------------------------------ actions
 
     def token(self, action: str, target: Target) -> str:
-        text = json.dumps([action, target.topic, target.channel, target.node])
+        # the fields' values too: the confirmation approves exactly those
+        text = json.dumps([action, target.topic, target.channel, target.node, sorted(target.values.items())])
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
 
     def page_of(self, target: Target, then: str) -> str:
@@ -430,16 +456,16 @@ class AdminHTTP:
         action = ACTIONS.get(form.get("action", ""))
         if action is None:
             return self.message(400, "Unknown action", "No such action.")
+        values = {f.name: form.get(f.name, "") for f in action.fields}
         try:
-            target = validate(action, Target(form.get("topic", "").strip(), form.get("channel", "").strip(), form.get("node", "").strip()))
+            target = validate(action, Target(form.get("topic", "").strip(), form.get("channel", "").strip(), form.get("node", "").strip(), values))
         except ActionError as exc:
             return self.message(400, "Cannot do that", str(exc))
         back = self.page_of(target, "same")
-        question = action.question.format(topic=target.topic, channel=target.channel, node=target.node)
-        extra = {f.name: form.get(f.name, "") for f in action.fields}
         token = self.token(action.name, target)
         if "confirm" not in form:
-            return self.render("confirm.html", title=action.label, action=action, target=target, question=question, fields=extra, token=token, back=back)
+            text = question(action, target)
+            return self.render("confirm.html", title=action.label, action=action, target=target, question=text, fields=target.values, token=token, back=back)
         if not hmac.compare_digest(form["confirm"], token):
             return self.message(403, "Confirmation expired", "pynsqadmin was restarted since this form was shown: please try again.", back)
         try:
@@ -456,6 +482,7 @@ class AdminHTTP:
             node=target.node,
             user=user,
             remote=req.remote_address,
+            values=target.values,
             failed=len(failed),
         )
         self.admin.notify(action.name, target, user=user, request=req)
@@ -466,7 +493,8 @@ class AdminHTTP:
                 await self.admin.sample_once()
         if failed:
             return self.render("result.html", 502, title=action.label, action=action, outcomes=outcomes, failed=failed, back=self.page_of(target, action.then))
-        return redirect(self.page_of(target, action.then) + "?" + urlencode({"done": action.name}))
+        counts = {k: sum(o.counts.get(k, 0) for o in outcomes) for k in action.counts}
+        return redirect(self.page_of(target, action.then) + "?" + urlencode({"done": action.name, **counts}))
 
     # ------------------------------------------------------------ the rest
 

@@ -2,8 +2,10 @@
 
 Starts a small cluster on loopback ports chosen by the OS (pynsqlookupd, two
 pynsqd, a third one killed on purpose, pynsqadmin sampling every second),
-makes traffic for a while -- publishers, a slow consumer, a paused channel --
-and saves one PNG per main page, taken by headless Chromium (Debian's
+makes traffic for a while -- publishers, a slow consumer that gives some
+messages back until they are dead-lettered, a paused channel, a retaining
+topic -- and saves one PNG per main page (and the channel's peek and the
+dead-letter topic's page), taken by headless Chromium (Debian's
 ``chromium`` + ``chromium-driver``) through Selenium (the ``test`` extra).
 """
 
@@ -31,6 +33,8 @@ PAGES = {
     "topics": "/",
     "topic": "/topics/orders",
     "channel": "/topics/orders/billing",
+    "channel-peek": "/topics/orders/billing?peek=10&all=1",
+    "dead-letters": "/topics/orders.dead",
     "nodes": "/nodes",
     "lookup": "/lookup",
 }
@@ -116,9 +120,10 @@ def post(port: int, path: str, body: bytes = b"") -> None:
     urllib.request.urlopen(req, timeout=10).read()
 
 
-def slow_consumer(port: int, topic: str, channel: str, stop: threading.Event, per_second: float) -> None:
+def slow_consumer(port: int, topic: str, channel: str, stop: threading.Event, per_second: float, give_back: int = 0) -> None:
     """Subscribes with RDY 5 and finishes about ``per_second`` messages a second,
-    so that the pages show a client, messages in flight and a draining depth."""
+    so that the pages show a client, messages in flight and a draining depth;
+    one message id in ``give_back`` is always given back (REQ 2 s)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     decoder = FrameDecoder()
     identify = json.dumps({"client_id": "billing-worker", "hostname": "worker-1", "user_agent": "pynsqd-demo/1.0", "heartbeat_interval": 30000})
@@ -136,7 +141,11 @@ def slow_consumer(port: int, topic: str, channel: str, stop: threading.Event, pe
             while (frame := decoder.next_frame()) is not None:
                 if frame.frame_type == FRAME_TYPE_MESSAGE:
                     stop.wait(1 / per_second)
-                    sock.sendall(encode_command(b"FIN", decode_message(frame.data)[2]))
+                    msg_id = decode_message(frame.data)[2]
+                    if give_back and int(msg_id[-3:], 16) % give_back == 0:
+                        sock.sendall(encode_command(b"REQ", msg_id, b"2000"))
+                    else:
+                        sock.sendall(encode_command(b"FIN", msg_id))
                 elif frame.data == b"_heartbeat_":
                     sock.sendall(encode_command(b"NOP"))
     finally:
@@ -226,8 +235,13 @@ def take(directory: Path, traffic_seconds: float) -> list[Path]:
                     post(port, f"/channel/create?topic=orders&channel={channel}")
                 post(port, "/channel/create?topic=clicks&channel=analytics")
             post(http[0], "/channel/pause?topic=clicks&channel=analytics")
+            # pynsqd's opt-in features: retention, dead letters after 2 attempts, a disk bound
+            for port in http[:2]:
+                post(port, "/topic/retention?topic=orders&time=1h")
+                post(port, "/channel/settings?topic=orders&channel=billing&max_attempts=2")
+                post(port, "/topic/settings?topic=clicks&max_disk_bytes=100000000")
             post(http[2], "/pub?topic=audit", b"x")
-            worker = threading.Thread(target=slow_consumer, args=(cluster.nsqds[0].ports["TCP"], "orders", "billing", stop, 40.0), daemon=True)
+            worker = threading.Thread(target=slow_consumer, args=(cluster.nsqds[0].ports["TCP"], "orders", "billing", stop, 40.0, 20), daemon=True)
             worker.start()
             publisher = threading.Thread(target=publish_until, args=(http[:2], stop), daemon=True)
             publisher.start()

@@ -12,7 +12,10 @@ import attrs
 from .cluster_info import KnownNode, NodeState, Snapshot
 
 TOPIC_SUMS = ("depth", "backend_depth", "message_count")
-CHANNEL_SUMS = ("depth", "backend_depth", "in_flight_count", "deferred_count", "requeue_count", "timeout_count", "message_count", "client_count")
+CHANNEL_SUMS = (
+    "depth", "backend_depth", "in_flight_count", "deferred_count", "requeue_count", "timeout_count", "message_count", "client_count",
+    "dead_letter_count",  # pynsqd, where dead letters are on
+)
 
 
 def _sum_into(totals: dict[str, int], doc: dict[str, Any], fields: Iterable[str]) -> None:
@@ -109,6 +112,15 @@ class Aggregate:
     @property
     def e2e(self) -> dict[float, float]:
         return worst_percentiles(r.doc for r in self.node_rows)
+
+    def nodes_with(self, field: str) -> list[NodeRow]:
+        """The nsqds whose /stats have ``field`` set: pynsqd's opt-in
+        features add theirs only where on (max_attempts, retention...)."""
+        return [r for r in self.node_rows if r.doc.get(field)]
+
+    @property
+    def replaying(self) -> bool:
+        return any(not r.doc["replay"].get("done") for r in self.nodes_with("replay"))
 
 
 @attrs.define

@@ -21,6 +21,8 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
+from pynsqadmin.actions import ACTIONS
+
 from helpers import (
     GO_NSQD_MISSING, Daemon, RawClient, channel_stats, go_nsq_binary, http_request, identify_and_upgrade, start_go_nsqd, start_nsqadmin,
     start_nsqd, start_nsqlookupd, wait_for,
@@ -31,11 +33,16 @@ TOKEN_RE = re.compile(r'name="confirm" value="([0-9a-f]+)"')
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    """pynsqlookupd, 2 pynsqd registered with it (with ``nsqd_flags``), pynsqadmin."""
+
+    def __init__(self, tmp: Path, *nsqd_flags: str, sample_interval: str = "1s") -> None:
         self.lookupd = start_nsqlookupd()
         lookup = f"--lookupd-tcp-address=127.0.0.1:{self.lookupd.tcp_port}"
-        self.nsqds = [start_nsqd(str(tmp / f"nsqd{i}"), "--broadcast-address=127.0.0.1", lookup) for i in range(2)]
-        self.admin = start_nsqadmin(f"--lookupd-http-address={self.lookupd.http_address}", "--sample-interval=1s")
+        self.nsqds = []
+        for i in range(2):
+            (tmp / f"nsqd{i}").mkdir()
+            self.nsqds.append(start_nsqd(str(tmp / f"nsqd{i}"), "--broadcast-address=127.0.0.1", lookup, *nsqd_flags))
+        self.admin = start_nsqadmin(f"--lookupd-http-address={self.lookupd.http_address}", f"--sample-interval={sample_interval}")
 
     def stop(self) -> None:
         for d in [self.admin, *self.nsqds, self.lookupd]:
@@ -44,10 +51,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("admin")
-    for i in range(2):
-        (tmp / f"nsqd{i}").mkdir()
-    c = Cluster(tmp)
+    c = Cluster(tmp_path_factory.mktemp("admin"))
     yield c
     c.stop()
 
@@ -301,8 +305,12 @@ def test_read_only_admin_offers_and_takes_no_action(cluster, unique):
     try:
         status, body = page(ro, f"/topics/{unique}/ro")
         assert status == 200 and "<form" not in body and "read-only" in body
+        assert 'href="?peek=10#messages"' in body  # looking is no action
+        assert 'method="post"' not in page(ro, f"/topics/{unique}")[1]
         assert post(ro, "/actions", {"action": "pause_channel", "topic": unique, "channel": "ro"})[0] == 403
+        assert post(ro, "/actions", {"action": "set_channel_dead_letter", "topic": unique, "channel": "ro", "max_attempts": "1"})[0] == 403
         assert channel_stats(nsqd, unique, "ro")["paused"] is False
+        assert "max_attempts" not in channel_stats(nsqd, unique, "ro")
     finally:
         ro.stop()
 
@@ -332,7 +340,7 @@ def test_admin_users_and_notifications(cluster, unique):
     )
     try:
         status, body = page(admin, f"/topics/{unique}")
-        assert status == 200 and "<form" not in body
+        assert status == 200 and 'method="post"' not in body  # a GET form (find a message) changes nothing
         assert post(admin, "/actions", {"action": "pause_topic", "topic": unique})[0] == 403
         alice = {"X-Forwarded-User": "alice"}
         assert 'data-action="pause_topic"' in page(admin, f"/topics/{unique}", alice)[1]
@@ -482,6 +490,12 @@ def test_pages_against_go_nsqd_and_nsqlookupd(tmp_path, unique):
         assert "e2e p99" in body
         nodes = page(admin, "/nodes")[1]
         assert f'data-node="{node}" class="up"' in nodes and "1.3.0" in nodes
+        # none of pynsqd's opt-in features: no error, no control, no peek (even when asked)
+        beyond = [f'data-action="{name}"' for name, a in ACTIONS.items() if a.group] + ['id="messages"', "?peek=", "Settings", 'id="dead-letters"']
+        for path in (f"/topics/{unique}", f"/topics/{unique}?peek=10&find=18afeffa5aa69000", f"/topics/{unique}/gch", f"/topics/{unique}/gch?peek=10&all=1"):
+            status, body = page(admin, path)
+            assert status == 200 and 'role="alert"' not in body, path
+            assert not [b for b in beyond if b in body], path
         status, headers, _ = act(admin, "pause_channel", topic=unique, channel="gch")
         assert status == 303
         assert channel_stats(nsqd, unique, "gch")["paused"] is True
@@ -497,7 +511,7 @@ def test_readme_starts_pynsqadmin_on_loopback():
     run = text[text.index("<!-- run-command -->") :].split("```")[1]
     assert ".venv/bin/pynsqd-local" in run  # which starts pynsqadmin on 127.0.0.1:4171 (tests/test_local.py)
     assert "http://127.0.0.1:4171/" in text.split("<!-- run-command -->")[0]
-    for name in ("topics", "topic", "channel", "nodes", "lookup"):
+    for name in ("topics", "topic", "channel", "channel-peek", "dead-letters", "nodes", "lookup"):
         assert (ROOT / "docs" / f"nsqadmin-{name}.png").exists()
         assert f"docs/nsqadmin-{name}.png" in text
     assert "python -m pynsqadmin.screenshots docs/" in text
