@@ -68,6 +68,18 @@ def _render_message(msg: Message, body_limit: int, **extra: Any) -> dict[str, An
     return render(msg.id, msg.timestamp, msg.attempts, msg.body, len(msg.body), body_limit, **extra)
 
 
+def _dead_letter(channel: Channel, attempts: int) -> dict[str, Any]:
+    """A message already delivered the channel's max attempts times is never
+    delivered again: when the channel reaches it (a deferred one: when its
+    move is tried again) it goes to the dead-letter topic, which the entry names."""
+    limit = channel.max_attempts
+    return {"dead_letter_topic": channel.dead_letter_topic} if limit and attempts >= limit else {}
+
+
+def _record_attempts(data: bytes) -> int:
+    return MESSAGE_RECORD_PREFIX.unpack_from(data)[1]  # type: ignore[no-any-return]
+
+
 def _render_record(data: bytes, size: int, body_limit: int, **extra: Any) -> dict[str, Any]:
     """A disk record's payload (possibly only its head) as :func:`render` shows it."""
     timestamp, attempts = MESSAGE_RECORD_PREFIX.unpack_from(data)
@@ -167,15 +179,18 @@ def _channel_queue(
         if disk.has() and (not mem.has() or turn):
             turn = False
             _, data, size, note = disk.take()
-            due = note or (pending.get(data[10:26], 0) if pending else 0)
+            # as Channel._pop: a spent message is moved before its due time is looked at
+            spent = _dead_letter(channel, _record_attempts(data))
+            due = 0 if spent else note or (pending.get(data[10:26], 0) if pending else 0)
             if due > clock.wall:
                 passed += 1
                 deferred.append((due, _render_record(data, size, body_limit, state="deferred", due=due, where="disk")))
                 continue
-            queued.append(_render_record(data, size, body_limit, state="queued", where="disk"))
+            queued.append(_render_record(data, size, body_limit, state="queued", where="disk", **spent))
         elif mem.has():
             turn = True
-            queued.append(_render_message(mem.take(), body_limit, state="queued", where="memory"))
+            msg = mem.take()
+            queued.append(_render_message(msg, body_limit, state="queued", where="memory", **_dead_letter(channel, msg.attempts)))
         else:
             break
     return queued, deferred, mem.has() or disk.has()
@@ -205,7 +220,10 @@ def _deferred(channel: Channel, count: int, body_limit: int, clock: _Clock, on_d
         return deferred.get(msg.id) is msg and msg.due == due
 
     in_memory = [
-        (clock.wall_of(due), _render_message(msg, body_limit, state="deferred", due=clock.wall_of(due), where="memory"))
+        (
+            clock.wall_of(due),
+            _render_message(msg, body_limit, state="deferred", due=clock.wall_of(due), where="memory", **_dead_letter(channel, msg.attempts)),
+        )
         for due, _, msg in islice(_heap_smallest(channel._deferred_heap, live, 4 * count + 1000), count)
     ]
     merged = heapq.merge(in_memory, sorted(on_disk, key=lambda e: e[0]), key=lambda e: e[0])
@@ -247,25 +265,28 @@ def find_in_channel(channel: Channel, msg_id: bytes, body_limit: int, cost: Read
         )
     msg = channel.deferred.get(msg_id)
     if msg is not None:
-        return _render_message(msg, body_limit, state="deferred", where="memory", due=clock.wall_of(msg.due))
+        return _render_message(msg, body_limit, state="deferred", where="memory", due=clock.wall_of(msg.due), **_dead_letter(channel, msg.attempts))
     found = channel.memory.find(msg_id)
     if found is not None:
         ahead, msg = found
-        return _render_message(msg, body_limit, state="queued", where="memory", ahead_in_memory=ahead)
-    return _find_on_disk(channel.backend, msg_id, body_limit, cost, clock.wall, channel.pending_deferrals, channel=True)
+        return _render_message(msg, body_limit, state="queued", where="memory", ahead_in_memory=ahead, **_dead_letter(channel, msg.attempts))
+    return _find_on_disk(channel.backend, msg_id, body_limit, cost, clock.wall, channel.pending_deferrals, channel=channel)
 
 
-def _find_on_disk(backend: Any, msg_id: bytes, body_limit: int, cost: ReadCost, now: int, pending: dict[bytes, Any], channel: bool) -> dict[str, Any]:
+def _find_on_disk(
+    backend: Any, msg_id: bytes, body_limit: int, cost: ReadCost, now: int, pending: dict[bytes, Any], channel: Channel | None
+) -> dict[str, Any]:
     find = getattr(backend, "find_id", None)
     hit = find(msg_id, cost, 26 + body_limit) if find is not None else None
     if hit is None:
         return {"state": "not_found"}
     _, data, size, note = hit
-    if channel:
-        due = note or pending.get(msg_id, 0)
+    if channel is not None:
+        spent = _dead_letter(channel, _record_attempts(data))
+        due = 0 if spent else note or pending.get(msg_id, 0)
         if due > now:
             return _render_record(data, size, body_limit, state="deferred", where="disk", due=due)
-        return _render_record(data, size, body_limit, state="queued", where="disk")
+        return _render_record(data, size, body_limit, state="queued", where="disk", **spent)
     defer_ms = note // 1_000_000 if note else int(pending.get(msg_id, 0.0) * 1000)
     return _render_record(data, size, body_limit, state="queued", where="disk", **({"defer": defer_ms} if defer_ms else {}))
 
@@ -361,4 +382,4 @@ def find_in_topic(topic: Topic, msg_id: bytes, body_limit: int, cost: ReadCost) 
     if found is not None:
         ahead, msg = found
         return dict(_topic_message(msg, body_limit, "memory"), ahead_in_memory=ahead)
-    return _find_on_disk(topic.backend, msg_id, body_limit, cost, time.time_ns(), topic.pending_deferrals, channel=False)
+    return _find_on_disk(topic.backend, msg_id, body_limit, cost, time.time_ns(), topic.pending_deferrals, channel=None)

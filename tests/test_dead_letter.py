@@ -244,6 +244,9 @@ def test_dead_letters_wait_in_their_channel_while_the_disk_is_full(small_disk):
         assert len(consume(d, "t", "c", "REQ", rdy=50, limit=50)) == 50
         wait_for(lambda: d.http("GET", "/ping")[0] == 500, message="/ping NOK")
         wait_for(lambda: channel_stats(d, "t", "c")["deferred_count"] == 50, message="the messages back in their channel")
+        # a look at the channel names them as waiting for their dead-letter topic, not for a delivery
+        waiting = d.json("/channel/peek?topic=t&channel=c&count=100&include_deferred=true")["deferred"]
+        assert len(waiting) == 50 and {m["dead_letter_topic"] for m in waiting} == {"t.dead"}
         assert channel_stats(d, "t", "c")["dead_letter_count"] == 0
         filler.unlink()
         wait_for(lambda: channel_stats(d, "t", "c")["dead_letter_count"] == 50, timeout=30, message="moved once there is room")

@@ -235,6 +235,47 @@ def test_peek_after_a_restart_shows_what_survived(tmp_path, how):
         d.stop()
 
 
+def test_peek_and_find_name_the_messages_a_channel_will_dead_letter_instead_of_delivering(tmp_path):
+    """Max attempts and inspection together: messages already delivered the
+    channel's max attempts times (held at their last attempt over a SIGTERM)
+    are queued, but the channel moves them to its dead-letter topic rather
+    than deliver them; a peek and a lookup say so, and what is delivered next
+    is exactly the rest, in the peek's order."""
+    d = start_nsqd(str(tmp_path), "--log-level=info")
+    try:
+        d.http("POST", "/topic/create?topic=t")
+        d.http("POST", "/channel/create?topic=t&channel=c")
+        assert d.http("POST", "/channel/settings?topic=t&channel=c&max_attempts=2")[0] == 200
+        with RawClient(d.tcp_port) as p:
+            assert p.mpub("t", [b"m%d" % i for i in range(4)]).data == b"OK"
+        with subscriber(d, "t", "c", rdy=4) as first:
+            [first.read_message() for _ in range(4)]  # attempt 1, requeued as the connection closes
+            first.cmd(b"RDY", "0")
+            confirm(first)
+        wait_for(lambda: channel_stats(d, "t", "c")["in_flight_count"] == 0)
+        holder = subscriber(d, "t", "c", rdy=2)
+        held = [holder.read_message() for _ in range(2)]
+        assert [a for _, a, _, _ in held] == [2, 2]  # their last attempt, in flight at the SIGTERM
+    finally:
+        assert d.stop() == 0
+    holder.close()
+    spent = {m[2].decode() for m in held}
+    d = start_nsqd(str(tmp_path), "--log-level=info")
+    try:
+        queued = peek(d, "t", "c")["queued"]
+        assert len(queued) == 4
+        assert {m["id"] for m in queued if m.get("dead_letter_topic") == "t.dead"} == spent
+        for msg_id in spent:
+            assert find(d, "t", msg_id, "c")["channels"][0]["dead_letter_topic"] == "t.dead"
+        delivered = [m for m in queued if "dead_letter_topic" not in m]
+        got = read_in_order(d, "t", "c", len(delivered))
+        assert [i.decode() for _, i, _ in got] == [m["id"] for m in delivered]
+        wait_for(lambda: channel_stats(d, "t", "c")["dead_letter_count"] == 2)
+        assert peek(d, "t", "c")["queued"] == []
+    finally:
+        d.stop()
+
+
 # ---------------------------------------------------------------- Go nsqd
 
 
