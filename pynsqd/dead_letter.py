@@ -582,14 +582,18 @@ class DeadLetters:
         unknown or whose channel (topic) no longer exists stays."""
         moved = kept = 0
         source: Topic | Channel = topic if channel is None else channel
-        remaining = limit if limit > 0 else source.depth()
+        # what is queued now, each message once: those that stay go back to the
+        # tail, where a later step would take them again
+        depth = source.depth()
+        remaining = min(limit, depth) if limit > 0 else depth
         if topic.name not in self.logs:  # no dead letters ever came here: nothing to take
-            return 0, min(remaining, source.depth())
+            return 0, remaining
+        seen: set[bytes] = set()  # the ids kept so far
         while remaining > 0 and not source.exiting:
             await trio.lowlevel.checkpoint()  # shutdown stops between steps
             with trio.CancelScope(shield=True):  # ... never inside one
                 async with self._move_lock():
-                    m, k = await self._move_back(topic, channel, min(remaining, REQUEUE_STEP), to_topic)
+                    m, k = await self._move_back(topic, channel, min(remaining, REQUEUE_STEP), to_topic, seen)
             moved += m
             kept += k
             remaining -= m + k
@@ -597,7 +601,9 @@ class DeadLetters:
                 break
         return moved, kept
 
-    async def _move_back(self, topic: Topic, channel: Channel | None, limit: int, to_topic: bool) -> tuple[int, int]:
+    async def _move_back(self, topic: Topic, channel: Channel | None, limit: int, to_topic: bool, seen: set[bytes]) -> tuple[int, int]:
+        """One step of :meth:`requeue`: (moved, newly kept); a message kept by an
+        earlier step (in ``seen``) is put back uncounted."""
         nsqd = self.nsqd
         dlq = self.logs.get(topic.name)
         if channel is None:
@@ -670,7 +676,9 @@ class DeadLetters:
                 else:  # the topic's other channels may still hold it
                     dlq.left(channel.name, done, topic.channels)
                 self._touched(dlq)
-            return len(done), len(keep)
+            newly_kept = {m.id for m in keep} - seen
+            seen |= newly_kept
+            return len(done), len(newly_kept)
         finally:
             if channel is None:
                 topic.release()

@@ -166,6 +166,28 @@ def test_dead_letter_settings_and_origins_survive_a_sigterm_restart(tmp_path):
     assert next(t for t in meta["topics"] if t["name"] == "t")["channels"] == [{"name": "c", "paused": False}, {"name": "new", "paused": False}]
 
 
+def test_moving_back_more_than_is_queued_counts_each_message_once_and_ends(tmp_path):
+    """``n`` beyond what the dead-letter topic holds: the messages that stay
+    (published there directly) go back to the tail of its queue, and are
+    neither taken again and again nor counted once per lap."""
+    d = start_nsqd(str(tmp_path), "--max-attempts=1")
+    try:
+        create_channel(d, "t", "c")
+        with RawClient(d.tcp_port) as p:
+            assert p.pub("t", b"poison").data == b"OK"
+            assert p.mpub("t.dead", [b"direct-%d" % i for i in range(3)]).data == b"OK"
+        assert len(consume(d, "t", "c", "REQ", limit=1)) == 1
+        wait_for(lambda: topic_stats(d, "t.dead")["depth"] == 4)  # no channel yet: the topic's own queue
+        assert post(d, "/dead_letter/requeue?topic=t.dead&n=100000") == {"moved": 1, "kept": 3}
+        create_channel(d, "t.dead", "dl")
+        wait_for(lambda: channel_stats(d, "t.dead", "dl")["depth"] == 3)
+        assert post(d, f"/dead_letter/requeue?topic=t.dead&channel=dl&n={1 << 62}") == {"moved": 0, "kept": 3}
+        assert sorted(body for _, _, body in consume(d, "t.dead", "dl", idle=0.5)) == [b"direct-0", b"direct-1", b"direct-2"]
+        assert [body for _, _, body in consume(d, "t", "c", idle=0.5)] == [b"poison"]
+    finally:
+        d.stop()
+
+
 def test_sync_mode_kill_9_during_dead_lettering_and_moving_back_loses_and_duplicates_nothing(tmp_path):
     """Every message ends up exactly once in its channel or the dead-letter
     topic, whenever kill -9 lands (while messages are being moved there, then
