@@ -79,9 +79,11 @@ def format_text_stats(nsqd: NSQD, stats: dict[str, Any], mem: dict[str, int] | N
         prefix = "*P " if t["paused"] else "   "
         # pynsqd's opt-in features add to a line only where they are on
         disk = f" disk: {t['disk_bytes']}/{t['max_disk_bytes']}{' FULL' if t['disk_full'] else ''}" if "max_disk_bytes" in t else ""
+        kept = t.get("retention")
+        retained = f" retained: {kept['messages']} ({kept['disk_bytes']} bytes)" if kept is not None else ""
         out.append(
             f"\n{prefix}[{t['topic_name']:<15}] depth: {t['depth']:<5} be-depth: {t['backend_depth']:<5} "
-            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}{disk}\n"
+            f"msgs: {t['message_count']:<8} e2e%: {format_e2e(t['e2e_processing_latency'])}{disk}{retained}\n"
         )
         for c in t["channels"]:
             cprefix = "   *P " if c["paused"] else "      "
@@ -90,6 +92,7 @@ def format_text_stats(nsqd: NSQD, stats: dict[str, Any], mem: dict[str, int] | N
                 f"inflt: {c['in_flight_count']:<4} def: {c['deferred_count']:<4} re-q: {c['requeue_count']:<5} "
                 f"timeout: {c['timeout_count']:<5} msgs: {c['message_count']:<8} e2e%: {format_e2e(c['e2e_processing_latency'])}"
                 + (f" dead: {c['dead_letter_count']}" if "dead_letter_count" in c else "")
+                + (f" replay: {c['replay']['replayed']}{' done' if c['replay']['done'] else ''}" if c.get("replay") is not None else "")
                 + "\n"
             )
             for cl in c["clients"]:

@@ -1,0 +1,71 @@
+"""pynsqd's opt-in features (issue 14) used together on one topic, against
+real pynsqd subprocesses: what each adds to ``/stats`` (JSON and text) and
+``/metrics`` appears exactly where it is on and goes once it is off."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import RawClient, create_channel, start_nsqd
+
+# what each feature adds: topic keys, channel keys, /metrics families, text marks
+TOPIC_KEYS = {"max_disk_bytes", "disk_bytes", "backend_bytes", "disk_full", "retention"}
+CHANNEL_KEYS = {"max_attempts", "dead_letter_topic", "dead_letter_count", "replay", "backend_bytes"}
+FAMILIES = (
+    "nsqd_topic_disk_bytes", "nsqd_topic_max_disk_bytes", "nsqd_topic_disk_full", "nsqd_topic_retained_messages",
+    "nsqd_topic_retained_bytes", "nsqd_topic_retained_oldest_timestamp_seconds", "nsqd_channel_dead_lettered_total",
+    "nsqd_channel_replayed_total",
+)
+MARKS = (" disk: ", " retained: ", " dead: ", " replay: ")
+
+
+def extras(d) -> tuple[set[str], set[str], set[str], set[str]]:
+    """(topic keys, channel keys, metric families, text marks) of the features, as shown now."""
+    topic = next(t for t in d.stats()["topics"] if t["topic_name"] == "t")
+    channel = topic["channels"][0]
+    metrics = d.http("GET", "/metrics")[1].decode()
+    samples = {line.split("{")[0] for line in metrics.splitlines() if line and not line.startswith("#")}
+    text = d.http("GET", "/stats")[1].decode()
+    return TOPIC_KEYS & set(topic), CHANNEL_KEYS & set(channel), samples & set(FAMILIES), {m for m in MARKS if m in text}
+
+
+def post(d, path: str) -> None:
+    status, body = d.http("POST", path)
+    assert status == 200, (path, status, body)
+
+
+def test_each_features_stats_appear_where_it_is_on_and_go_once_it_is_off(tmp_path):
+    d = start_nsqd(str(tmp_path))
+    try:
+        create_channel(d, "t", "c")
+        with RawClient(d.tcp_port) as p:
+            assert p.mpub("t", [b"a", b"b"]).data == b"OK"
+        assert extras(d) == (set(), set(), set(), set())
+
+        post(d, "/topic/settings?topic=t&max_disk_bytes=100000")
+        post(d, "/channel/settings?topic=t&channel=c&max_attempts=3")
+        post(d, "/topic/retention?topic=t&time=1h")
+        with RawClient(d.tcp_port) as p:
+            assert p.pub("t", b"kept").data == b"OK"
+        post(d, "/channel/rewind?topic=t&channel=c&since=oldest")  # runs until the channel is drained
+        topic_keys, channel_keys, families, marks = extras(d)
+        assert topic_keys == TOPIC_KEYS and channel_keys == CHANNEL_KEYS
+        assert families == set(FAMILIES) and marks == set(MARKS)
+        text = d.http("GET", "/stats")[1].decode()
+        assert " retained: 1 (" in text and " dead: 0" in text and " disk: " in text
+
+        # off again, one after the other, each taking exactly its own along
+        post(d, "/topic/retention?topic=t&time=0&bytes=0")  # the replay stops with it
+        assert extras(d) == (
+            TOPIC_KEYS - {"retention"}, {"max_attempts", "dead_letter_topic", "dead_letter_count", "backend_bytes"},
+            {"nsqd_topic_disk_bytes", "nsqd_topic_max_disk_bytes", "nsqd_topic_disk_full", "nsqd_channel_dead_lettered_total"},
+            {" disk: ", " dead: "},
+        )
+        post(d, "/channel/settings?topic=t&channel=c&max_attempts=default")
+        post(d, "/topic/settings?topic=t&max_disk_bytes=default")
+        assert extras(d) == (set(), set(), set(), set())
+    finally:
+        assert d.stop() == 0
+    # the explicit "off" of retention is the only setting left in nsqd.dat
+    entry = json.loads((tmp_path / "nsqd.dat").read_text())["topics"][0]
+    assert entry == {"name": "t", "paused": False, "channels": [{"name": "c", "paused": False}], "retention": {"time": 0, "bytes": 0}}
