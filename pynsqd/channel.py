@@ -593,7 +593,13 @@ class Channel:
             self.backend.set_note(msg.token, wall)  # type: ignore[attr-defined]
         msg.client = None
         msg.due = due
-        self.deferred[msg.id] = msg
+        deferred = self.deferred
+        other = deferred.get(msg.id)
+        deferred[msg.id] = msg
+        if other is not None and other is not msg and other.token is not None and other.token != msg.token:
+            # a replayed copy waited deferred (its heap entry is now stale): one
+            # copy waits, the other is dropped -- on disk too, or a restart serves it again
+            self.backend.ack(other.token)  # type: ignore[attr-defined]
         heapq.heappush(self._deferred_heap, (due, next(self._seq), msg))
         if due < self._next_deadline:
             self._set_next_deadline(due)

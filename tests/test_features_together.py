@@ -1,12 +1,16 @@
-"""pynsqd's opt-in features (issue 14) used together on one topic, against
-real pynsqd subprocesses: what each adds to ``/stats`` (JSON and text) and
-``/metrics`` appears exactly where it is on and goes once it is off."""
+"""pynsqd's opt-in features (issue 14) used together, against real pynsqd
+subprocesses: what each adds to ``/stats`` (JSON and text) and ``/metrics``
+appears exactly where it is on and goes once it is off; a replay meeting a
+consumer's requeue in sync mode."""
 
 from __future__ import annotations
 
 import json
 
-from helpers import RawClient, create_channel, start_nsqd
+import pytest
+
+from helpers import RawClient, channel_stats, create_channel, start_nsqd, wait_for
+from test_faults import confirm, subscriber
 
 # what each feature adds: topic keys, channel keys, /metrics families, text marks
 TOPIC_KEYS = {"max_disk_bytes", "disk_bytes", "backend_bytes", "disk_full", "retention"}
@@ -69,3 +73,39 @@ def test_each_features_stats_appear_where_it_is_on_and_go_once_it_is_off(tmp_pat
     # the explicit "off" of retention is the only setting left in nsqd.dat
     entry = json.loads((tmp_path / "nsqd.dat").read_text())["topics"][0]
     assert entry == {"name": "t", "paused": False, "channels": [{"name": "c", "paused": False}], "retention": {"time": 0, "bytes": 0}}
+
+
+def test_a_replayed_copy_dropped_for_a_requeued_one_is_not_served_again_after_a_restart(tmp_path):
+    """Sync mode, a channel rewound while its copy of a message is in flight:
+    the replayed copy waits (deferred) until the other is done; the consumer
+    then REQs its copy with a delay, so one copy waits and the other is
+    dropped.  The dropped one's record must go too: once the message is
+    FINed, a SIGTERM restart must not deliver it again."""
+    flags = ("--sync-every=1", "--log-level=info")
+    d = start_nsqd(str(tmp_path), *flags)
+    try:
+        create_channel(d, "t", "c")
+        post(d, "/topic/retention?topic=t&time=1h")
+        with RawClient(d.tcp_port) as p:
+            assert p.pub("t", b"once").data == b"OK"
+        c = subscriber(d, "t", "c", rdy=2)
+        msg_id = c.read_message()[2]
+        post(d, "/channel/rewind?topic=t&channel=c&since=oldest")
+        wait_for(lambda: channel_stats(d, "t", "c")["deferred_count"] == 1, message="the replayed copy waiting")
+        c.cmd(b"REQ", msg_id, "200")
+        _, attempts, again, body = c.read_message(timeout=10)
+        assert (attempts, again, body) == (2, msg_id, b"once")
+        c.cmd(b"FIN", msg_id)
+        confirm(c)
+        c.close()
+    finally:
+        assert d.stop() == 0
+    d = start_nsqd(str(tmp_path), *flags)
+    try:
+        assert channel_stats(d, "t", "c")["depth"] == 0
+        with subscriber(d, "t", "c") as c:
+            confirm(c)
+            with pytest.raises(TimeoutError):
+                c.read_message(timeout=1.5)
+    finally:
+        d.stop()
