@@ -36,7 +36,7 @@ from .message import MessageBatch, Messages
 if TYPE_CHECKING:
     from .channel import Channel
     from .nsqd import NSQD
-    from .retention import Position
+    from .retention import Position, RetentionLog
     from .topic import Topic
 
 STEP = 1000
@@ -51,7 +51,7 @@ log = get_logger()
 class Replay:
     """One channel's replay: from where, up to where, how far it got."""
 
-    __slots__ = ("since", "next", "end", "lo", "hi", "replayed", "skipped", "path", "done", "dropped_max", "pins")
+    __slots__ = ("since", "next", "end", "lo", "hi", "replayed", "skipped", "path", "done", "dropped_max", "pins", "source")
 
     def __init__(self, since: int, start: Position, end: Position, path: str, ids: tuple[bytes, bytes] = (b"", b"")) -> None:
         self.since = since
@@ -69,6 +69,15 @@ class Replay:
         # gives it: the log keeps its file until the replay has read it
         self.dropped_max = b""
         self.pins: dict[object, int] | None = None
+        # the log read once the topic stopped retaining (retention turned off,
+        # or a restart without it): only what the replay owes the channel --
+        # what it left out of the backlog -- is still given (Retention._drop, _retire_for)
+        self.source: RetentionLog | None = None
+
+    @property
+    def owes(self) -> bool:
+        """It left messages out of the topic's backlog that it has not given yet."""
+        return bool(self.dropped_max) and not self.done
 
     def keep(self, msgs: Messages) -> Messages:
         """What of a batch from the topic's held backlog the channel still
@@ -171,10 +180,11 @@ async def run(nsqd: NSQD, topic: Topic, channel: Channel, replay: Replay) -> Non
     retry = 0.05
     try:
         while not replay.done:
-            retained = topic.retention
+            retained = replay.source or topic.retention
             if channel.replay is not replay or channel.exiting or retained is None:
                 return
-            if channel.depth() >= window:
+            if channel.depth() >= window and replay.source is None:
+                # (what it owes goes at once, as the backlog would have)
                 await trio.sleep(IDLE_POLL)
                 continue
             msgs, nxt, skipped = retained.read(replay.next, replay.end, STEP, replay.since)
@@ -201,6 +211,12 @@ async def run(nsqd: NSQD, topic: Topic, channel: Channel, replay: Replay) -> Non
                     del retained.pins[replay]  # past every message it left out of the backlog
                 else:
                     retained.pins[replay] = replay.next[0]
+            if replay.source is not None and replay not in retained.pins:
+                # the topic no longer retains: what it owed is given, the rest of the history
+                # is not -- so from now on nothing of the topic's backlog is left out for it
+                replay.done = True
+                replay.lo = replay.hi = b""
+                nsqd.retention.release(topic, retained)
             if persistent(topic, channel):
                 if nsqd.durable and getattr(channel.backend, "dirty", False):
                     nsqd._mark_sync_due(channel.backend)
@@ -220,3 +236,5 @@ async def run(nsqd: NSQD, topic: Topic, channel: Channel, replay: Replay) -> Non
         nsqd.set_healthy(source)
         if replay.pins is not None:
             replay.pins.pop(replay, None)
+        if replay.source is not None:
+            nsqd.retention.release(topic, replay.source)

@@ -430,6 +430,13 @@ class RetentionLog(SyncNotifier):
                 self._fd = None
             self._closed = True
 
+    def detach(self) -> None:
+        """Stop using the log, its files left as they are."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._closed = True
+
     def delete(self) -> None:
         """Remove every file of the log (retention turned off, topic deleted)."""
         if self._fd is not None:
@@ -546,6 +553,9 @@ class Retention:
         self.default = Policy(o.retention_time, o.retention_bytes)
         # one replay-cursor write at a time per channel
         self._cursor_locks: weakref.WeakKeyDictionary[Channel, trio.Lock] = weakref.WeakKeyDictionary()
+        # logs of topics that stopped retaining, still read by replays that owe
+        # their channels messages left out of the backlog: topic -> (log, delete it once they are through)
+        self._retired: dict[str, tuple[RetentionLog, bool]] = {}
 
     def cursor_lock(self, channel: Channel) -> trio.Lock:
         lock = self._cursor_locks.get(channel)
@@ -577,29 +587,80 @@ class Retention:
             if log is not None:
                 log.set_policy(policy)
                 return
-            n, o = self.nsqd, self.nsqd.options
-            try:
-                log = RetentionLog(
-                    topic.name, n.data_path, policy, max_bytes_per_file=o.max_bytes_per_file,
-                    max_msg_size=o.max_msg_size, sync_every=o.sync_every, on_sync_due=n._mark_sync_due,
-                )
-            except BackendError as exc:
-                n.set_unhealthy(f"retention {topic.name}", str(exc))
-                n.log.error("retention: cannot open the topic's log, not retaining", topic=topic.name, error=str(exc))
-                return
+            retired = self._retired.pop(topic.name, None)
+            if retired is not None:
+                # on again while replays still read it: the same log, and they replay in full again
+                log = retired[0]
+                log.set_policy(policy)
+                for channel in topic.channels.values():
+                    if channel.replay is not None:
+                        channel.replay.source = None
+            else:
+                log = self._open(topic, policy)
+                if log is None:
+                    return
             topic.retain(log)
-            n.log.info("retention: on", topic=topic.name, time=policy.time, bytes=policy.bytes, retained=log.count)
+            self.nsqd.log.info("retention: on", topic=topic.name, time=policy.time, bytes=policy.bytes, retained=log.count)
         elif log is not None:
             self._drop(topic)
             self.nsqd.log.info("retention: off, retained messages deleted", topic=topic.name)
 
+    def _open(self, topic: Topic, policy: Policy) -> RetentionLog | None:
+        n, o = self.nsqd, self.nsqd.options
+        try:
+            return RetentionLog(
+                topic.name, n.data_path, policy, max_bytes_per_file=o.max_bytes_per_file,
+                max_msg_size=o.max_msg_size, sync_every=o.sync_every, on_sync_due=n._mark_sync_due,
+            )
+        except BackendError as exc:
+            n.set_unhealthy(f"retention {topic.name}", str(exc))
+            n.log.error("retention: cannot open the topic's log", topic=topic.name, error=str(exc))
+            return None
+
     def _drop(self, topic: Topic) -> None:
+        """Retention off: the log is deleted -- once the replays that left
+        messages out of the topic's backlog have given them (the others stop)."""
         log = topic.retention
         topic.retain(None)
+        owing = False
         for channel in topic.channels.values():
-            self.cancel_replay(topic, channel)
+            replay = channel.replay
+            if log is not None and replay is not None and replay in log.pins:
+                replay.source = log
+                owing = True
+            else:
+                self.cancel_replay(topic, channel)
         if log is not None:
+            if owing:
+                self._retired[topic.name] = (log, True)
+            else:
+                log.delete()
+
+    def _retire_for(self, topic: Topic, replay: replay_mod.Replay) -> bool:
+        """At start, a channel's replay that owes messages on a topic that no
+        longer retains (restarted without the flag): its log is opened for it
+        alone, and left as it is afterwards unless the topic's own setting is off."""
+        retired = self._retired.get(topic.name)
+        if retired is None:
+            log = self._open(topic, Policy())
+            if log is None:
+                return False
+            retired = self._retired[topic.name] = (log, "retention" in topic.settings)
+        replay.source = retired[0]
+        return True
+
+    def release(self, topic: Topic, log: RetentionLog) -> None:
+        """A replay of a topic that stopped retaining is through with ``log``:
+        the last one deletes it (or leaves it, see ``_retire_for``)."""
+        retired = self._retired.get(topic.name)
+        if retired is None or retired[0] is not log or log.pins:
+            return
+        del self._retired[topic.name]
+        if retired[1]:
             log.delete()
+            self.nsqd.log.info("retention: off, the replays owed their channels are given, retained messages deleted", topic=topic.name)
+        else:
+            log.detach()
 
     def set(self, topic: Topic, policy: Policy | None) -> None:
         """A topic's own setting (None: back to the flags' default), kept in nsqd.dat."""
@@ -630,10 +691,16 @@ class Retention:
                 log = topic.retention
                 topic.retain(None)
                 log.delete()
+            retired = self._retired.pop(topic.name, None)
+            if retired is not None:
+                retired[0].delete()
         elif event == "channel_created" and channel is not None:
-            if topic.retention is not None and replay_mod.persistent(topic, channel):
-                replay = replay_mod.Replay.load(replay_mod.cursor_path(self.nsqd, topic, channel))
-                if replay is not None:
+            if replay_mod.persistent(topic, channel):
+                path = replay_mod.cursor_path(self.nsqd, topic, channel)
+                replay = replay_mod.Replay.load(path) if topic.retention is not None or os.path.exists(path) else None
+                # without retention (a restart without the flag) only one that owes
+                # its channel messages goes on; another waits for retention to be back
+                if replay is not None and (topic.retention is not None or (replay.owes and self._retire_for(topic, replay))):
                     self.start_replay(topic, channel, replay)
         elif event == "channel_deleted" and channel is not None:
             channel.replay = None
@@ -667,9 +734,10 @@ class Retention:
         starts with :meth:`start_replay`."""
         channel.guard_duplicates()
         channel.skip_replayed()
-        if topic.retention is not None:
-            replay.pins = topic.retention.pins
-            if replay.dropped_max and not replay.done:
+        log = replay.source or topic.retention
+        if log is not None:
+            replay.pins = log.pins
+            if replay.owes:
                 replay.pins[replay] = replay.next[0]
         channel.replay = replay
 
@@ -706,6 +774,8 @@ class Retention:
                     topic.retention.close()
                 except BackendError as exc:
                     self.nsqd.log.error("retention: cannot sync the log", topic=topic.name, error=str(exc))
+        for log, _ in self._retired.values():
+            log.detach()  # the replays resume from their cursors
 
 
 class _ScanResult:

@@ -149,6 +149,41 @@ def test_a_channel_from_the_oldest_message_of_a_topic_holding_a_backlog_gets_eac
         d.stop()
 
 
+@pytest.mark.parametrize("how", ["retention_turned_off", "restart_without_the_flag"])
+def test_retention_going_off_mid_replay_still_gives_what_the_replay_took_out_of_the_backlog(tmp_path, how):
+    """A channel created from the oldest message of a topic holding a backlog
+    gets the backlog from the replay (left out of the topic's hand-over), a
+    window at a time.  Retention going off before the replay is through --
+    turned off through the API, or a restart without ``--retention-time`` --
+    must not lose the rest: those are published, acknowledged messages."""
+    n = 12_000  # more than the replay's window (10,000): nobody consumes, so it stops there
+    flags = ("--mem-queue-size=20000", "--log-level=info")
+    d = start_nsqd(str(tmp_path), "--retention-time=1h", *flags)
+    try:
+        post(d, "/topic/create?topic=held")
+        with RawClient(d.tcp_port) as p:
+            for i in range(0, n, 2000):
+                assert p.mpub("held", [b"h-%05d" % j for j in range(i, i + 2000)]).data == b"OK"
+        post(d, "/channel/create?topic=held&channel=first&since=oldest")
+        wait_for(lambda: channel_stats(d, "held", "first")["depth"] >= 10_000, message="the replay's window filled")
+        assert channel_stats(d, "held", "first")["replay"]["done"] is False
+        if how == "retention_turned_off":
+            post(d, "/topic/retention?topic=held&time=0&bytes=0")
+        else:
+            assert d.stop() == 0
+            d = start_nsqd(str(tmp_path), *flags)
+        got = consume_all(d, "held", "first", n, timeout=30)
+        assert sorted(m[3] for m in got) == [b"h-%05d" % i for i in range(n)]
+        wait_for(lambda: nothing_left(d, "held", "first"), message="nothing more")
+    finally:
+        d.stop()
+    if how == "retention_turned_off":
+        assert not _files(tmp_path, "held")  # off through the API: the log goes, once given
+    else:
+        assert _files(tmp_path, "held")  # a forgotten flag deletes no history
+    assert not list(tmp_path.glob("*.pynsqd-replay.json"))
+
+
 def _files(path: Path, topic: str) -> dict[str, str]:
     prefix = f"{topic}.pynsqd-retention."
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.name.startswith(prefix) and p.name.endswith(".dat")}
