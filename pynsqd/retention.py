@@ -461,25 +461,13 @@ class RetentionLog(SyncNotifier):
 
     def _recover(self) -> None:
         nums = self._list()
-        known: dict[int, dict[str, Any]] = {}
-        try:
-            with open(self._index_path, "rb") as fh:
-                for entry in json.load(fh).get("segments", []):
-                    known[int(entry["num"])] = entry
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            self._log.warning("retention index unreadable, scanning the files", error=str(e))
+        known = self._read_index()
         for i, num in enumerate(nums):
             size = os.stat(self._file(num)).st_size
-            entry = known.get(num)
             last = i == len(nums) - 1
-            seg = Segment(num)
-            if entry is not None and entry.get("size") == size and not last:
-                seg.size, seg.count = size, int(entry["count"])
-                seg.min_ts, seg.max_ts = int(entry["min_ts"]), int(entry["max_ts"])
-                seg.min_id, seg.max_id = str(entry["min_id"]).encode(), str(entry["max_id"]).encode()
-            else:
+            seg = known.get(num)
+            if seg is None or seg.size != size or last:
+                seg = Segment(num)
                 scan = self._scan(num, 0, size)
                 seg.add(scan.count, scan.end, scan.min_ts, scan.max_ts, scan.min_id, scan.max_id)
                 if scan.end < size:
@@ -495,6 +483,28 @@ class RetentionLog(SyncNotifier):
             self.segments.append(Segment(nums[-1] + 1 if nums else 0))
         elif self.segments[-1].size:
             self._fd = os.open(self._file(self.segments[-1].num), os.O_WRONLY | os.O_CLOEXEC)
+
+    def _read_index(self) -> dict[int, Segment]:
+        """The sealed files as the index describes them: all of it, or (unreadable,
+        an entry that does not parse) none -- the files are then scanned."""
+        known: dict[int, Segment] = {}
+        try:
+            with open(self._index_path, "rb") as fh:
+                for entry in json.load(fh).get("segments", []):
+                    seg = Segment(int(entry["num"]))
+                    seg.size, seg.count = int(entry["size"]), int(entry["count"])
+                    seg.min_ts, seg.max_ts = int(entry["min_ts"]), int(entry["max_ts"])
+                    seg.min_id, seg.max_id = str(entry["min_id"]).encode(), str(entry["max_id"]).encode()
+                    if seg.count <= 0 or seg.size <= 0:
+                        raise ValueError(f"file {seg.num}: {seg.count} messages in {seg.size} bytes")  # a sealed file holds some
+                    known[seg.num] = seg
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._log.warning("retention index unreadable, scanning the files", error=str(e))
+            self._index_dirty = True
+            return {}
+        return known
 
     def _scan(self, num: int, start: int, end: int) -> _ScanResult:
         out = _ScanResult()

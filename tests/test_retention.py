@@ -184,6 +184,34 @@ def test_retention_going_off_mid_replay_still_gives_what_the_replay_took_out_of_
     assert not list(tmp_path.glob("*.pynsqd-replay.json"))
 
 
+def test_an_index_that_does_not_parse_or_adds_up_is_not_believed(tmp_path):
+    """The log's index is a hint: an entry that does not parse, or says a
+    sealed file holds nothing, means the files are scanned -- the daemon
+    neither refuses to start nor deletes the file it got wrong."""
+    flags = ("--log-level=info", "--max-bytes-per-file=100000")  # a file per MPUB
+    d = start_nsqd(str(tmp_path), *flags)
+    try:
+        post(d, "/topic/create?topic=t")
+        post(d, "/topic/retention?topic=t&time=1h")
+        with RawClient(d.tcp_port) as p:
+            for i in range(10):
+                assert p.mpub("t", [b"%04d" % (i * 100 + j) + b"x" * 4000 for j in range(100)]).data == b"OK"
+        kept = retention(d, "t")
+        assert kept["files"] > 2
+    finally:
+        assert d.stop() == 0
+    index = tmp_path / "t.pynsqd-retention.index"
+    for lie in ("x", 0):
+        entries = json.loads(index.read_text())
+        entries["segments"][0]["count"] = lie
+        index.write_text(json.dumps(entries))
+        d = start_nsqd(str(tmp_path), *flags)
+        try:
+            assert {k: retention(d, "t")[k] for k in ("messages", "files", "disk_bytes")} == {k: kept[k] for k in ("messages", "files", "disk_bytes")}
+        finally:
+            assert d.stop() == 0
+
+
 def _files(path: Path, topic: str) -> dict[str, str]:
     prefix = f"{topic}.pynsqd-retention."
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.name.startswith(prefix) and p.name.endswith(".dat")}
