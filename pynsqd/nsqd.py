@@ -527,7 +527,7 @@ class NSQD:
             try:
                 hook(event, topic, channel)
             except Exception:
-                self.log.exception("event hook failed", event=event, topic=topic.name)
+                self.log.exception("event hook failed", hook_event=event, topic=topic.name)
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Run a task in the daemon's nursery; one asked for before the daemon

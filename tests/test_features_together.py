@@ -1,7 +1,7 @@
 """pynsqd's opt-in features (issue 14) used together, against real pynsqd
 subprocesses: what each adds to ``/stats`` (JSON and text) and ``/metrics``
 appears exactly where it is on and goes once it is off; a replay meeting a
-consumer's requeue in sync mode."""
+consumer's requeue in sync mode; a feature's event hook failing."""
 
 from __future__ import annotations
 
@@ -109,3 +109,25 @@ def test_a_replayed_copy_dropped_for_a_requeued_one_is_not_served_again_after_a_
                 c.read_message(timeout=1.5)
     finally:
         d.stop()
+
+
+def test_a_failing_feature_hook_is_logged_and_the_topic_still_made(tmp_path):
+    """The features plug into topic and channel events through hooks; one
+    that raises is logged, and what the event was about goes ahead."""
+    from structlog.testing import capture_logs
+
+    from pynsqd.nsqd import NSQD
+    from pynsqd.options import Options
+
+    nsqd = NSQD(Options(data_path=str(tmp_path)))
+
+    def broken(event: str, topic: object, channel: object) -> None:
+        raise RuntimeError("broken hook")
+
+    nsqd.event_hooks.insert(0, broken)
+    with capture_logs() as logged:
+        topic = nsqd.get_topic("t")
+        channel = topic.get_channel("c")
+    assert nsqd.topics["t"] is topic and topic.channels["c"] is channel
+    failed = [e for e in logged if e["event"] == "event hook failed"]
+    assert [e["hook_event"] for e in failed] == ["topic_created", "channel_created"]
