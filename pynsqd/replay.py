@@ -126,7 +126,7 @@ class Replay:
                 data = json.load(fh)
             lo, hi = data.get("ids") or ("", "")
             ids = (str(lo).encode(), str(hi).encode())
-            replay = cls(int(data["since"]), tuple(data["next"]), tuple(data["end"]), path, ids)  # type: ignore[arg-type]
+            replay = cls(int(data["since"]), _position(data["next"]), _position(data["end"]), path, ids)
             replay.replayed = int(data.get("replayed", 0))
             replay.dropped_max = str(data.get("dropped_max", "")).encode()
             replay.done = bool(data.get("done")) or replay.done
@@ -148,6 +148,12 @@ class Replay:
 
     def save(self) -> None:
         write_atomically(self.path, self.dump())
+
+
+def _position(value: Any) -> Position:
+    """A (file, offset) of a cursor file; ValueError (or TypeError) if it is not one."""
+    num, off = value
+    return int(num), int(off)
 
 
 def cursor_path(nsqd: NSQD, topic: Topic, channel: Channel) -> str:

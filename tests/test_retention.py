@@ -212,6 +212,25 @@ def test_an_index_that_does_not_parse_or_adds_up_is_not_believed(tmp_path):
             assert d.stop() == 0
 
 
+def test_a_replay_cursor_that_is_no_position_is_ignored_not_fatal(tmp_path):
+    d = start_nsqd(str(tmp_path), "--retention-time=1h", "--log-level=info")
+    try:
+        post(d, "/topic/create?topic=t")
+        post(d, "/channel/create?topic=t&channel=c")
+        with RawClient(d.tcp_port) as p:
+            assert p.mpub("t", [b"a", b"b", b"c"]).data == b"OK"
+    finally:
+        assert d.stop() == 0
+    cursor = {"version": 1, "since": 0, "next": [0], "end": [0, 99], "ids": ["", ""], "dropped_max": "", "replayed": 0, "done": False}
+    (tmp_path / "t:c.pynsqd-replay.json").write_text(json.dumps(cursor))
+    d = start_nsqd(str(tmp_path), "--retention-time=1h", "--log-level=info")
+    try:
+        assert sorted(m[3] for m in consume_all(d, "t", "c", 3)) == [b"a", b"b", b"c"]
+        assert d.proc.poll() is None and any("ignoring unreadable replay cursor" in line for line in d.lines)
+    finally:
+        assert d.stop() == 0
+
+
 def _files(path: Path, topic: str) -> dict[str, str]:
     prefix = f"{topic}.pynsqd-retention."
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.name.startswith(prefix) and p.name.endswith(".dat")}
