@@ -117,6 +117,17 @@ class HTTPAPI:
         return topic
 
     @staticmethod
+    def _message_id(req: Request) -> bytes:
+        """``id``: a message id as nsqd writes them (16 lowercase hex digits)."""
+        text = req.arg("id")
+        if not text:
+            raise HTTPError(400, "MISSING_ARG_ID")
+        msg_id = text.encode()
+        if len(msg_id) != MSG_ID_LENGTH or any(c not in b"0123456789abcdef" for c in msg_id):
+            raise HTTPError(400, "INVALID_ARG_ID")
+        return msg_id
+
+    @staticmethod
     def _int_arg(req: Request, name: str, default: int, lo: int, hi: int) -> int:
         text = req.arg(name)
         if text is None or text == "":
@@ -403,19 +414,14 @@ class HTTPAPI:
         """Where a message id is: in the topic's own queue and in each
         channel (or the one asked for): queued, deferred, in flight, or not."""
         topic = self._existing_topic(req)
-        text = req.arg("id")
-        if not text:
-            raise HTTPError(400, "MISSING_ARG_ID")
-        msg_id = text.encode()
-        if len(msg_id) != 16 or any(c not in b"0123456789abcdef" for c in msg_id):
-            raise HTTPError(400, "INVALID_ARG_ID")
+        msg_id = self._message_id(req)
         _, body_limit = self._peek_args(req)
         channels = list(topic.channels.values())
         if req.arg("channel") is not None:
             channels = [self._existing_channel(req)[1]]
         await _extend_id_indexes([c.backend for c in channels] + ([topic.backend] if req.arg("channel") is None else []))
         cost = ReadCost()
-        out: dict[str, object] = {"id": text, "topic_name": topic.name}
+        out: dict[str, object] = {"id": msg_id.decode(), "topic_name": topic.name}
         if req.arg("channel") is None:
             out["topic"] = inspection.find_in_topic(topic, msg_id, body_limit, cost)
         out["channels"] = [
@@ -488,12 +494,7 @@ class HTTPAPI:
     async def dead_letter_message(self, req: Request) -> Response:
         """``GET /dead_letter/message?topic=D&id=X``: where dead letter X of topic D came from."""
         topic = self._existing_topic(req)
-        msg_id = req.arg("id")
-        if msg_id is None:
-            raise HTTPError(400, "MISSING_ARG_ID")
-        if len(msg_id.encode()) != MSG_ID_LENGTH:
-            raise HTTPError(400, "INVALID_ARG_ID")
-        origin = self.nsqd.dead_letters.lookup(topic.name, msg_id.encode())
+        origin = self.nsqd.dead_letters.lookup(topic.name, self._message_id(req))
         if origin is None:
             raise HTTPError(404, "MESSAGE_NOT_FOUND")
         return respond(origin.to_json())

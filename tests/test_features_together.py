@@ -1,7 +1,9 @@
 """pynsqd's opt-in features (issue 14) used together, against real pynsqd
 subprocesses: what each adds to ``/stats`` (JSON and text) and ``/metrics``
 appears exactly where it is on and goes once it is off; a replay meeting a
-consumer's requeue in sync mode; a feature's event hook failing."""
+consumer's requeue in sync mode; a feature's event hook failing; bad input on
+every endpoint the features add (a 4xx with nsqd's ``{"message": CODE}``,
+nothing changed, nothing in the log)."""
 
 from __future__ import annotations
 
@@ -131,3 +133,69 @@ def test_a_failing_feature_hook_is_logged_and_the_topic_still_made(tmp_path):
     assert nsqd.topics["t"] is topic and topic.channels["c"] is channel
     failed = [e for e in logged if e["event"] == "event hook failed"]
     assert [e["hook_event"] for e in failed] == ["topic_created", "channel_created"]
+
+
+# (method, path, status, code) -- each against the state set up below, which none may change
+BAD_INPUT = [
+    ("POST", "/topic/settings", 400, "MISSING_ARG_TOPIC"),
+    ("POST", "/topic/settings?topic=nope&max_disk_bytes=1", 404, "TOPIC_NOT_FOUND"),
+    ("POST", "/topic/settings?topic=t", 400, "MISSING_ARG_MAX_DISK_BYTES"),
+    ("POST", "/topic/settings?topic=t&max_disk_bytes=-1", 400, "INVALID_ARG_MAX_DISK_BYTES"),
+    ("POST", "/topic/settings?topic=e%23ephemeral&max_disk_bytes=1", 400, "EPHEMERAL_TOPIC"),
+    ("POST", "/channel/settings?topic=t&channel=nope&max_attempts=1", 404, "CHANNEL_NOT_FOUND"),
+    ("POST", "/channel/settings?topic=t&channel=c&max_attempts=65536", 400, "INVALID_ARG_MAX_ATTEMPTS"),
+    ("POST", "/channel/settings?topic=t&channel=c&max_attempts=2&dead_letter_topic=t", 400, "INVALID_ARG_DEAD_LETTER_TOPIC"),
+    ("POST", "/channel/settings?topic=t&channel=c&dead_letter_topic=x%23ephemeral", 400, "INVALID_ARG_DEAD_LETTER_TOPIC"),
+    ("POST", "/channel/settings?topic=t&channel=%ff", 400, "INVALID_ARG_CHANNEL"),
+    ("POST", "/topic/retention?topic=t", 400, "MISSING_ARG_TIME"),
+    ("POST", "/topic/retention?topic=t&time=-1s", 400, "INVALID_ARG_TIME"),
+    ("POST", "/topic/retention?topic=t&time=1h&bytes=x", 400, "INVALID_ARG_BYTES"),
+    ("POST", "/topic/retention?topic=e%23ephemeral&time=1h", 400, "EPHEMERAL_TOPIC"),
+    ("POST", "/channel/rewind?topic=t&channel=c&since=oldest", 400, "RETENTION_NOT_ENABLED"),
+    ("POST", "/channel/rewind?topic=kept&channel=c&since=%ff", 400, "INVALID_ARG_SINCE"),
+    ("POST", "/channel/rewind?topic=kept&channel=c&since=2020-01-01T00:00:00", 400, "INVALID_ARG_SINCE"),
+    ("POST", "/channel/create?topic=kept&channel=new&since=soon", 400, "INVALID_ARG_SINCE"),
+    ("POST", "/channel/create?topic=t&channel=new&since=oldest", 400, "RETENTION_NOT_ENABLED"),
+    ("GET", "/channel/peek?topic=t&channel=c&count=1001", 400, "INVALID_ARG_COUNT"),
+    ("GET", "/channel/peek?topic=t&channel=c&body_limit=-1", 400, "INVALID_ARG_BODY_LIMIT"),
+    ("GET", "/topic/peek?topic=nope", 404, "TOPIC_NOT_FOUND"),
+    ("GET", "/message/find?topic=t", 400, "MISSING_ARG_ID"),
+    ("GET", "/message/find?topic=t&id=%ff%ff%ff%ff%ff0", 400, "INVALID_ARG_ID"),
+    ("GET", "/message/find?topic=t&id=0123456789abcdef&channel=nope", 404, "CHANNEL_NOT_FOUND"),
+    ("GET", "/dead_letter/message?topic=t", 400, "MISSING_ARG_ID"),
+    ("GET", "/dead_letter/message?topic=t&id=zzzzzzzzzzzzzzzz", 400, "INVALID_ARG_ID"),
+    ("GET", "/dead_letter/message?topic=t&id=%ff%ff%ff%ff%ff0", 400, "INVALID_ARG_ID"),
+    ("GET", "/dead_letter/message?topic=t&id=0123456789abcdef", 404, "MESSAGE_NOT_FOUND"),
+    ("GET", "/dead_letter/messages?topic=t&n=-1", 400, "INVALID_ARG_N"),
+    ("POST", "/dead_letter/requeue?topic=t&to=elsewhere", 400, "INVALID_ARG_TO"),
+    ("POST", "/dead_letter/requeue?topic=t&n=%ff", 400, "INVALID_ARG_N"),
+    ("POST", "/dead_letter/requeue?topic=t&channel=nope", 404, "CHANNEL_NOT_FOUND"),
+    ("POST", "/dead_letter/requeue?topic=nope", 404, "TOPIC_NOT_FOUND"),
+]
+
+
+def test_bad_input_on_the_features_endpoints_is_a_4xx_code_and_changes_nothing(tmp_path):
+    d = start_nsqd(str(tmp_path))
+    try:
+        create_channel(d, "t", "c")
+        create_channel(d, "kept", "c")
+        post(d, "/topic/retention?topic=kept&time=1h")
+        post(d, "/topic/create?topic=e%23ephemeral")
+        with RawClient(d.tcp_port) as p:
+            assert p.pub("t", b"x").data == b"OK"
+            assert p.pub("kept", b"y").data == b"OK"
+
+        def state() -> tuple:
+            topics = d.stats()["topics"]
+            for t in topics:
+                t.pop("e2e_processing_latency")
+                t.get("retention", {}).pop("oldest_timestamp", None)
+            return topics, (tmp_path / "nsqd.dat").read_text()
+
+        before = state()
+        for method, path, status, code in BAD_INPUT:
+            assert d.http(method, path) == (status, json.dumps({"message": code}, separators=(",", ":")).encode()), (method, path)
+        assert state() == before
+    finally:
+        assert d.stop() == 0
+    assert not [line for line in d.lines if "Traceback" in line or "handler failed" in line]
