@@ -95,6 +95,13 @@ class Origin:
             "dead_lettered_at": self.dead_lettered_at,
         }
 
+    def where(self, dead_letter_topic: str) -> dict[str, Any]:
+        """Where the message went, for its original channel's ``/message/find``."""
+        return {
+            "dead_letter_topic": dead_letter_topic, "dead_letter_id": self.id.decode(),
+            "dead_lettered_at": self.dead_lettered_at, "attempts": self.attempts, "timestamp": self.timestamp,
+        }
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Origin:
         return cls(
@@ -123,6 +130,10 @@ class DeadLetterLog:
         self.topic = topic
         self.path = os.path.join(data_path, topic + LOG_SUFFIX)
         self.entries: dict[bytes, Origin] = {}
+        # the same entries by the id the message had where it came from (the id a
+        # channel's consumers knew it by), so that it stays findable by that id:
+        # original id -> ids here (one per channel of the topic it came from)
+        self.by_original: dict[bytes, list[bytes]] = {}
         # pending moves (durable mode): into the topic, id -> (source key, key here)
         self.moving_in: dict[bytes, tuple[int, int]] = {}
         # ... and back out of it: id -> (source queue, source key, destination queue, key there, id there)
@@ -160,7 +171,7 @@ class DeadLetterLog:
     def _apply(self, d: dict[str, Any]) -> None:
         if "drop" in d:
             key = d["drop"].encode()
-            self.entries.pop(key, None)
+            self.forget(key)
             self.moving_in.pop(key, None)
             self.moving_back.pop(key, None)
         elif "done" in d:
@@ -172,7 +183,9 @@ class DeadLetterLog:
             self.moving_back.pop(d["out"].encode(), None)
         else:
             origin = Origin.from_json(d)
+            self.forget(origin.id)
             self.entries[origin.id] = origin
+            self.by_original.setdefault(origin.message_id, []).append(origin.id)
             if "move" in d:
                 src_key, dst_key = d["move"]
                 self.moving_in[origin.id] = (int(src_key), int(dst_key))
@@ -351,6 +364,20 @@ class DeadLetterLog:
 
     # ------------------------------------------------------------ entries
 
+    def forget(self, key: bytes) -> None:
+        """The entry of dead letter ``key`` goes (from memory only: see :meth:`drop`)."""
+        origin = self.entries.pop(key, None)
+        if origin is None:
+            return
+        keys = self.by_original[origin.message_id]
+        keys.remove(key)
+        if not keys:
+            del self.by_original[origin.message_id]
+
+    def by_original_id(self, message_id: bytes) -> list[Origin]:
+        """The dead letters that were message ``message_id`` where they came from."""
+        return [self.entries[key] for key in self.by_original.get(message_id, ())]
+
     def add(self, origin: Origin, move: tuple[int, int] | None = None) -> None:
         d = origin.to_json()
         if move is not None:
@@ -482,6 +509,19 @@ class DeadLetters:
     def lookup(self, topic: str, msg_id: bytes) -> Origin | None:
         dlq = self.logs.get(topic)
         return dlq.entries.get(msg_id) if dlq is not None else None
+
+    def lookup_original(self, topic: str, channel: str, message_id: bytes) -> dict[str, Any] | None:
+        """Where channel ``topic:channel`` dead-lettered its message
+        ``message_id`` (the latest such move), if that is still known: a
+        dictionary lookup in each dead-letter topic's log."""
+        found = [
+            (origin.dead_lettered_at, name, origin) for name, dlq in self.logs.items() for origin in dlq.by_original_id(message_id)
+            if origin.topic == topic and origin.channel == channel
+        ]
+        if not found:
+            return None
+        _, name, origin = max(found, key=lambda f: f[0])
+        return origin.where(name)
 
     # ------------------------------------------------------------ the mover
 
@@ -721,14 +761,14 @@ class DeadLetters:
                 if not _discard(topic.backend, dst_key, key):
                     log.warning("dead letter left in both places after a crash", topic=origin.topic, channel=origin.channel, id=key.decode())
                 touched.add(topic.backend)
-                del dlq.entries[key]
+                dlq.forget(key)
                 undone += 1
             dlq.moving_in.clear()
             for key, (src_name, src_key, dst_name, dst_key, to_id) in list(dlq.moving_back.items()):
                 source_queue = self._queue(src_name)
                 if source_queue is None or _is_done(source_queue.backend, src_key, key):
                     if src_name == name:
-                        dlq.entries.pop(key, None)  # moved back (from a channel: others may hold it still)
+                        dlq.forget(key)  # moved back (from a channel: others may hold it still)
                     stood += 1
                     continue
                 dest = self._queue(dst_name)
@@ -750,7 +790,7 @@ class DeadLetters:
                     if hasattr(backend, "unread_ids"):
                         present |= backend.unread_ids()
                 for key in [k for k in dlq.entries if k not in present]:
-                    del dlq.entries[key]
+                    dlq.forget(key)
             dlq.rewrite_now()
 
     def give_back(self) -> None:

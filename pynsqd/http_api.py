@@ -117,14 +117,14 @@ class HTTPAPI:
         return topic
 
     @staticmethod
-    def _message_id(req: Request) -> bytes:
+    def _message_id(req: Request, name: str = "id") -> bytes:
         """``id``: a message id as nsqd writes them (16 lowercase hex digits)."""
-        text = req.arg("id")
+        text = req.arg(name)
         if not text:
-            raise HTTPError(400, "MISSING_ARG_ID")
+            raise HTTPError(400, f"MISSING_ARG_{name.upper()}")
         msg_id = text.encode()
         if len(msg_id) != MSG_ID_LENGTH or any(c not in b"0123456789abcdef" for c in msg_id):
-            raise HTTPError(400, "INVALID_ARG_ID")
+            raise HTTPError(400, f"INVALID_ARG_{name.upper()}")
         return msg_id
 
     @staticmethod
@@ -425,13 +425,23 @@ class HTTPAPI:
         if req.arg("channel") is None:
             out["topic"] = inspection.find_in_topic(topic, msg_id, body_limit, cost)
         out["channels"] = [
-            {"channel_name": c.name, **inspection.find_in_channel(c, msg_id, body_limit, cost)} for c in channels if not c.exiting
+            {"channel_name": c.name, **self._find_in_channel(c, msg_id, body_limit, cost)} for c in channels if not c.exiting
         ]
         if topic.retention is not None:
             candidates = topic.retention.id_candidates(msg_id)
             out["retained"] = await trio.to_thread.run_sync(file_holds, candidates, msg_id, self.nsqd.options.max_msg_size)
         out["examined"] = cost.as_dict()
         return respond(out)
+
+    def _find_in_channel(self, channel: Channel, msg_id: bytes, body_limit: int, cost: ReadCost) -> dict[str, object]:
+        """One channel's answer to ``/message/find``: a message it no longer
+        holds because it dead-lettered it is found where it went."""
+        found = inspection.find_in_channel(channel, msg_id, body_limit, cost)
+        if found["state"] == "not_found":
+            went = self.nsqd.dead_letters.lookup_original(channel.topic_name, channel.name, msg_id)
+            if went is not None:
+                return {"state": "dead_lettered", **went}
+        return found
 
     async def config(self, req: Request) -> Response:
         name = req.path.rsplit("/", 1)[1]
@@ -492,8 +502,16 @@ class HTTPAPI:
     # ------------------------------------------------------------ beyond nsqd: dead letters
 
     async def dead_letter_message(self, req: Request) -> Response:
-        """``GET /dead_letter/message?topic=D&id=X``: where dead letter X of topic D came from."""
+        """``GET /dead_letter/message?topic=D&id=X``: where dead letter X of
+        topic D came from; ``original_id=X`` instead: the dead letters of D that
+        were message X where they came from (one per channel that moved it)."""
         topic = self._existing_topic(req)
+        if req.has_arg("original_id"):
+            dlq = self.nsqd.dead_letters.logs.get(topic.name)
+            found = dlq.by_original_id(self._message_id(req, "original_id")) if dlq is not None else []
+            if not found:
+                raise HTTPError(404, "MESSAGE_NOT_FOUND")
+            return respond({"count": len(found), "messages": [o.to_json() for o in found]})
         origin = self.nsqd.dead_letters.lookup(topic.name, self._message_id(req))
         if origin is None:
             raise HTTPError(404, "MESSAGE_NOT_FOUND")

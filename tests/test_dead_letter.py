@@ -280,3 +280,36 @@ def test_dead_letters_wait_in_their_channel_while_the_disk_is_full(small_disk):
         assert sorted(dead) == bodies
     finally:
         d.stop()
+
+
+def test_the_original_id_of_a_dead_letter_is_found_where_it_went(tmp_path):
+    """``/message/find`` asked for the id a channel knew a message by, after
+    the channel dead-lettered it: where it went (topic, new id, when, attempts),
+    not ``not_found``; ``/dead_letter/message`` takes that id too."""
+    d = start_nsqd(str(tmp_path), "--max-attempts=1")
+    try:
+        create_channel(d, "t", "c")
+        create_channel(d, "t", "other")
+        with RawClient(d.tcp_port) as p:
+            assert p.pub("t", b"poison").data == b"OK"
+        [(_, original, _)] = consume(d, "t", "c", "REQ", limit=1)
+        wait_for(lambda: topic_stats(d, "t.dead")["depth"] == 1)
+        [origin] = d.json("/dead_letter/messages?topic=t.dead")["messages"]
+        assert origin["message_id"] == original.decode()
+        where = {
+            "state": "dead_lettered", "dead_letter_topic": "t.dead", "dead_letter_id": origin["id"],
+            "dead_lettered_at": origin["dead_lettered_at"], "attempts": 1, "timestamp": origin["timestamp"],
+        }
+        found = d.json(f"/message/find?topic=t&channel=c&id={original.decode()}")
+        assert found["channels"] == [{"channel_name": "c", **where}]
+        # asked on every channel: the other one still holds its copy
+        states = {c["channel_name"]: c["state"] for c in d.json(f"/message/find?topic=t&id={original.decode()}")["channels"]}
+        assert states == {"c": "dead_lettered", "other": "queued"}
+        assert d.json(f"/dead_letter/message?topic=t.dead&original_id={original.decode()}") == {"count": 1, "messages": [origin]}
+        assert d.http("GET", "/dead_letter/message?topic=t.dead&original_id=0000000000000000") == (404, b'{"message":"MESSAGE_NOT_FOUND"}')
+        assert d.http("GET", "/dead_letter/message?topic=t.dead&original_id=xyz")[0] == 400
+        # moved back (under a new id): nothing is said about the old one any more
+        assert post(d, "/dead_letter/requeue?topic=t.dead") == {"moved": 1, "kept": 0}
+        assert d.json(f"/message/find?topic=t&channel=c&id={original.decode()}")["channels"][0]["state"] == "not_found"
+    finally:
+        d.stop()

@@ -34,6 +34,10 @@ def test_entries_and_pending_moves_read_back(tmp_path):
     back = reopen(log)
     assert list(back.entries) == [origin(i).id for i in (0, 1, 3)]
     assert back.entries[origin(3).id] == origin(3)
+    # findable by the id each had where it came from, as long as it is kept
+    assert back.by_original_id(origin(3).message_id) == [origin(3)]
+    assert back.by_original_id(origin(2).message_id) == []
+    assert back.by_original == {origin(i).message_id: [origin(i).id] for i in (0, 1, 3)}
     assert back.moving_in == {origin(1).id: (11, 21)}
     assert back.moving_back == {origin(1).id: ("orders.dead", 21, "orders:billing", 99, b"f" * 16)}
     log.moved_out(origin(1).id)
