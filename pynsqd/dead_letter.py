@@ -17,6 +17,9 @@ time and when it was moved.  ``GET /dead_letter/message`` looks one up,
 came from.  An entry goes when its message is moved back, when every channel
 of the dead-letter topic has finished it, or with the topic; at start, when
 there are more entries than messages, those of messages no longer on disk go.
+On a dead-letter topic that retains, an entry its message is done with stays
+("spent") while the retention log holds the message -- a rewind can bring it
+back -- and goes when retention lets the message go.
 
 One task (:meth:`DeadLetters.run`) makes the moves, one at a time.  With
 ``--sync-every=1`` a move is atomic with respect to a crash, in three steps:
@@ -134,6 +137,10 @@ class DeadLetterLog:
         # channel's consumers knew it by), so that it stays findable by that id:
         # original id -> ids here (one per channel of the topic it came from)
         self.by_original: dict[bytes, list[bytes]] = {}
+        # entries every channel is done with, kept while a rewind of the topic
+        # can bring their message back (it is retained: ``retains``)
+        self.spent: set[bytes] = set()
+        self.retains: Callable[[bytes], bool] = _never
         # pending moves (durable mode): into the topic, id -> (source key, key here)
         self.moving_in: dict[bytes, tuple[int, int]] = {}
         # ... and back out of it: id -> (source queue, source key, destination queue, key there, id there)
@@ -174,6 +181,10 @@ class DeadLetterLog:
             self.forget(key)
             self.moving_in.pop(key, None)
             self.moving_back.pop(key, None)
+        elif "spent" in d and "id" not in d:
+            key = d["spent"].encode()
+            if key in self.entries:
+                self.spent.add(key)
         elif "done" in d:
             self.moving_in.pop(d["done"].encode(), None)
         elif "back" in d:
@@ -186,6 +197,8 @@ class DeadLetterLog:
             self.forget(origin.id)
             self.entries[origin.id] = origin
             self.by_original.setdefault(origin.message_id, []).append(origin.id)
+            if d.get("spent"):
+                self.spent.add(origin.id)
             if "move" in d:
                 src_key, dst_key = d["move"]
                 self.moving_in[origin.id] = (int(src_key), int(dst_key))
@@ -261,6 +274,8 @@ class DeadLetterLog:
         lines = []
         for origin in self.entries.values():
             d = origin.to_json()
+            if origin.id in self.spent:
+                d["spent"] = True
             moving = self.moving_in.get(origin.id)
             if moving is not None:
                 d["move"] = list(moving)
@@ -369,6 +384,7 @@ class DeadLetterLog:
         origin = self.entries.pop(key, None)
         if origin is None:
             return
+        self.spent.discard(key)
         keys = self.by_original[origin.message_id]
         keys.remove(key)
         if not keys:
@@ -398,9 +414,25 @@ class DeadLetterLog:
         if key in self.entries or key in self.moving_back:
             self._append({"drop": key.decode()})
 
+    def done_with(self, key: bytes) -> None:
+        """No queue of the topic holds dead letter ``key`` any more: its entry
+        goes, unless the topic retains the message (a rewind would bring it
+        back, to be moved back again), then it stays until that ends."""
+        if key not in self.entries or key in self.spent:
+            return
+        if self.retains(key):
+            self._append({"spent": key.decode()})
+        else:
+            self.drop(key)
+
+    def forget_spent(self) -> None:
+        """The topic's retention let messages go: so do their spent entries."""
+        for key in [k for k in self.spent if not self.retains(k)]:
+            self.drop(key)
+
     def left(self, channel: str, keys: Iterable[bytes], channels: Iterable[str]) -> None:
         """``channel`` (of the dead-letter topic) is done with these messages;
-        an entry goes once every channel the topic has now is."""
+        an entry goes once every channel the topic has now is (see :meth:`done_with`)."""
         entries = self.entries
         present = set(channels)
         for key in keys:
@@ -411,7 +443,7 @@ class DeadLetterLog:
                 origin.left = set()
             origin.left.add(channel)
             if present <= origin.left:
-                self.drop(key)
+                self.done_with(key)
 
     def recheck(self, channels: Iterable[str]) -> None:
         """A channel of the topic went: entries every remaining one is done with go."""
@@ -420,7 +452,7 @@ class DeadLetterLog:
             return
         for key, origin in list(self.entries.items()):
             if origin.left is not None and present <= origin.left:
-                self.drop(key)
+                self.done_with(key)
 
 
 class DeadLetters:
@@ -462,7 +494,7 @@ class DeadLetters:
         """A topic with a log file from an earlier run is a dead-letter topic."""
         if topic.ephemeral:
             return
-        dlq = DeadLetterLog(self.nsqd.data_path, topic.name)
+        dlq = self._new_log(topic.name)
         if os.path.exists(dlq.path):
             dlq.load()
             self.logs[topic.name] = dlq
@@ -470,10 +502,30 @@ class DeadLetters:
     def _log_for(self, topic: Topic) -> DeadLetterLog:
         dlq = self.logs.get(topic.name)
         if dlq is None:
-            dlq = self.logs[topic.name] = DeadLetterLog(self.nsqd.data_path, topic.name)
+            dlq = self.logs[topic.name] = self._new_log(topic.name)
             for channel in topic.channels.values():
                 channel.on_finished = self._finished
         return dlq
+
+    def _new_log(self, name: str) -> DeadLetterLog:
+        dlq = DeadLetterLog(self.nsqd.data_path, name)
+        topics = self.nsqd.topics
+
+        def retains(key: bytes) -> bool:
+            topic = topics.get(name)
+            log = topic.retention if topic is not None else None
+            return log is not None and bool(log.id_candidates(key))
+
+        dlq.retains = retains
+        return dlq
+
+    def retention_shrunk(self, topic: Topic) -> None:
+        """The topic's retention deleted files (expiry, or turned off): the
+        entries of its messages that are gone and done with go too."""
+        dlq = self.logs.get(topic.name)
+        if dlq is not None and dlq.spent:
+            dlq.forget_spent()
+            self._touched(dlq)
 
     def topic_deleted(self, topic: Topic) -> None:
         dlq = self.logs.pop(topic.name, None)
@@ -712,7 +764,7 @@ class DeadLetters:
                     dlq.moved_out(msg_id)
                 if channel is None:
                     for msg_id in done:
-                        dlq.drop(msg_id)
+                        dlq.done_with(msg_id)
                 else:  # the topic's other channels may still hold it
                     dlq.left(channel.name, done, topic.channels)
                 self._touched(dlq)
@@ -768,7 +820,7 @@ class DeadLetters:
                 source_queue = self._queue(src_name)
                 if source_queue is None or _is_done(source_queue.backend, src_key, key):
                     if src_name == name:
-                        dlq.forget(key)  # moved back (from a channel: others may hold it still)
+                        dlq.done_with(key)  # moved back (from a channel: others may hold it still)
                     stood += 1
                     continue
                 dest = self._queue(dst_name)
@@ -783,14 +835,15 @@ class DeadLetters:
             for backend in touched:
                 backend.sync()
             queues = [topic.backend, *(c.backend for c in topic.channels.values())]
-            if len(dlq.entries) > sum(b.depth() for b in queues):
+            if len(dlq.entries) - len(dlq.spent) > sum(b.depth() for b in queues):
                 # more origins than messages: keep those of messages still on disk
+                # (or retained)
                 present: set[bytes] = set()
                 for backend in queues:
                     if hasattr(backend, "unread_ids"):
                         present |= backend.unread_ids()
                 for key in [k for k in dlq.entries if k not in present]:
-                    dlq.forget(key)
+                    dlq.done_with(key)
             dlq.rewrite_now()
 
     def give_back(self) -> None:
@@ -824,3 +877,7 @@ def _discard(backend: Any, key: int, msg_id: bytes) -> bool:
 
 def _noop() -> None:
     return None
+
+
+def _never(key: bytes) -> bool:
+    return False

@@ -645,6 +645,7 @@ class Retention:
                 self._retired[topic.name] = (log, True)
             else:
                 log.delete()
+        self.nsqd.dead_letters.retention_shrunk(topic)
 
     def _retire_for(self, topic: Topic, replay: replay_mod.Replay) -> bool:
         """At start, a channel's replay that owes messages on a topic that no
@@ -765,8 +766,8 @@ class Retention:
             now = time.time_ns()
             for topic in list(self.nsqd.topics.values()):
                 log = topic.retention
-                if log is not None:
-                    log.expire(now)
+                if log is not None and log.expire(now):
+                    self.nsqd.dead_letters.retention_shrunk(topic)
 
     def close(self) -> None:
         """Shutdown, after the channels were written to disk: the replays'

@@ -293,7 +293,7 @@ def test_the_original_id_of_a_dead_letter_is_found_where_it_went(tmp_path):
         with RawClient(d.tcp_port) as p:
             assert p.pub("t", b"poison").data == b"OK"
         [(_, original, _)] = consume(d, "t", "c", "REQ", limit=1)
-        wait_for(lambda: topic_stats(d, "t.dead")["depth"] == 1)
+        wait_for(lambda: channel_stats(d, "t", "c")["dead_letter_count"] == 1)
         [origin] = d.json("/dead_letter/messages?topic=t.dead")["messages"]
         assert origin["message_id"] == original.decode()
         where = {
@@ -311,5 +311,40 @@ def test_the_original_id_of_a_dead_letter_is_found_where_it_went(tmp_path):
         # moved back (under a new id): nothing is said about the old one any more
         assert post(d, "/dead_letter/requeue?topic=t.dead") == {"moved": 1, "kept": 0}
         assert d.json(f"/message/find?topic=t&channel=c&id={original.decode()}")["channels"][0]["state"] == "not_found"
+    finally:
+        d.stop()
+
+
+def test_origins_of_a_retaining_dead_letter_topic_are_kept_while_a_rewind_can_bring_them_back(tmp_path):
+    """Every channel of a dead-letter topic that retains finished its dead
+    letters: their origins stay (over a restart too) as long as the messages
+    are retained, so a rewound channel's copies still move back; they go when
+    retention lets the messages go."""
+    d = start_nsqd(str(tmp_path), "--max-attempts=1")
+    try:
+        create_channel(d, "t", "c")
+        create_channel(d, "t.dead", "dl")
+        post(d, "/topic/retention?topic=t.dead&time=1h")
+        with RawClient(d.tcp_port) as p:
+            assert p.mpub("t", [b"p%d" % i for i in range(3)]).data == b"OK"
+        assert len(consume(d, "t", "c", "REQ", limit=3)) == 3
+        wait_for(lambda: channel_stats(d, "t", "c")["dead_letter_count"] == 3)
+        assert len(consume(d, "t.dead", "dl", limit=3)) == 3  # FIN: every channel of t.dead is done with them
+        wait_for(lambda: channel_stats(d, "t.dead", "dl")["in_flight_count"] == 0)
+        origins = d.json("/dead_letter/messages?topic=t.dead")["messages"]
+        assert len(origins) == 3
+    finally:
+        assert d.stop() == 0
+    d = start_nsqd(str(tmp_path), "--max-attempts=1")
+    try:
+        assert d.json("/dead_letter/messages?topic=t.dead")["messages"] == origins
+        post(d, "/channel/rewind?topic=t.dead&channel=dl&since=oldest")
+        wait_for(lambda: channel_stats(d, "t.dead", "dl")["depth"] == 3)
+        assert post(d, "/dead_letter/requeue?topic=t.dead&channel=dl") == {"moved": 3, "kept": 0}
+        assert sorted(body for _, _, body in consume(d, "t", "c")) == [b"p0", b"p1", b"p2"]
+        # still retained (another rewind would bring them back): still known
+        assert d.json("/dead_letter/messages?topic=t.dead")["count"] == 3
+        post(d, "/topic/retention?topic=t.dead&time=0&bytes=0")  # the history goes, and with it the origins
+        wait_for(lambda: d.json("/dead_letter/messages?topic=t.dead")["count"] == 0)
     finally:
         d.stop()

@@ -79,3 +79,26 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
     log.write_now()  # the same lines, whole
     log.close()
     assert list(reopen(log).entries) == [origin(0).id, origin(1).id]
+
+
+def test_an_entry_done_with_is_kept_while_its_message_is_retained(tmp_path):
+    retained = {origin(0).id, origin(1).id}
+    log = DeadLetterLog(str(tmp_path), "d")
+    log.retains = retained.__contains__
+    for i in range(3):
+        log.add(origin(i))
+    for i in range(3):
+        log.left("dl", [origin(i).id], ["dl"])  # every channel done with each
+    assert list(log.entries) == [origin(0).id, origin(1).id] and log.spent == retained
+    log.sync()
+    back = reopen(log)  # over a restart, and a rewrite
+    assert back.spent == retained
+    back.rewrite_now()
+    back = reopen(back)
+    back.retains = retained.__contains__
+    assert back.spent == retained
+    retained.discard(origin(0).id)  # expired
+    back.forget_spent()
+    assert list(back.entries) == [origin(1).id] and back.by_original_id(origin(0).message_id) == []
+    back.close()
+    log.close()
