@@ -162,15 +162,36 @@ def cursor_path(nsqd: NSQD, topic: Topic, channel: Channel) -> str:
 
 async def save_cursor(nsqd: NSQD, topic: Topic, channel: Channel) -> None:
     """Write the channel's replay cursor as it is now (in a worker thread),
-    one write at a time per channel, so that the file never goes back to an
-    older replay's state; a replay cancelled meanwhile takes its file along."""
+    one write at a time per file, so that the file never goes back to an
+    older replay's state; a replay cancelled meanwhile takes its file along.
+
+    The file is named after the channel, so it is written for whichever
+    channel has that name when the write is made -- not necessarily
+    ``channel``, which may have been deleted (and one of the same name
+    created) meanwhile -- and again after a write during which that changed."""
     path = cursor_path(nsqd, topic, channel)
-    async with nsqd.retention.cursor_lock(channel):
-        replay = channel.replay
-        if replay is not None and not channel.exiting:
+    async with nsqd.retention.cursor_lock(path):
+        for _ in range(_CURSOR_ROUNDS):
+            owner = _owner(nsqd, topic.name, channel.name)
+            replay = owner.replay if owner is not None else None
+            if replay is None:
+                unlink_quiet(path)
+                return
             await trio.to_thread.run_sync(write_atomically, path, replay.dump())
-        if channel.replay is None or channel.exiting:
-            unlink_quiet(path)
+            if _owner(nsqd, topic.name, channel.name) is owner and owner.replay is replay:
+                return
+        unlink_quiet(path)  # (the name changed hands at every write: the next owner's save writes it)
+
+
+# a cursor write is made again while its channel's name changes hands meanwhile, at most
+_CURSOR_ROUNDS = 4
+
+
+def _owner(nsqd: NSQD, topic_name: str, channel_name: str) -> Channel | None:
+    """The live channel whose cursor file that name is."""
+    topic = nsqd.topics.get(topic_name)
+    channel = topic.channels.get(channel_name) if topic is not None and not topic.exiting else None
+    return channel if channel is not None and not channel.exiting else None
 
 
 def persistent(topic: Topic, channel: Channel) -> bool:

@@ -561,16 +561,17 @@ class Retention:
         self.nsqd = nsqd
         o = nsqd.options
         self.default = Policy(o.retention_time, o.retention_bytes)
-        # one replay-cursor write at a time per channel
-        self._cursor_locks: weakref.WeakKeyDictionary[Channel, trio.Lock] = weakref.WeakKeyDictionary()
+        # one replay-cursor write at a time per file (so per channel name, whichever
+        # channel has it): the locks no task holds or waits for are dropped
+        self._cursor_locks: weakref.WeakValueDictionary[str, trio.Lock] = weakref.WeakValueDictionary()
         # logs of topics that stopped retaining, still read by replays that owe
         # their channels messages left out of the backlog: topic -> (log, delete it once they are through)
         self._retired: dict[str, tuple[RetentionLog, bool]] = {}
 
-    def cursor_lock(self, channel: Channel) -> trio.Lock:
-        lock = self._cursor_locks.get(channel)
+    def cursor_lock(self, path: str) -> trio.Lock:
+        lock = self._cursor_locks.get(path)
         if lock is None:
-            lock = self._cursor_locks[channel] = trio.Lock()
+            lock = self._cursor_locks[path] = trio.Lock()
         return lock
 
     def install(self) -> Retention:

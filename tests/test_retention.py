@@ -353,3 +353,59 @@ def test_go_nsqd_reads_the_queues_of_a_retaining_deployment(tmp_path):
         assert sorted(m[3] for m in got) == sorted(bodies)
     finally:
         go.stop(signal.SIGTERM)
+
+
+async def test_a_deleted_channels_cursor_write_never_spoils_the_cursor_of_a_channel_recreated_under_its_name(tmp_path, monkeypatch):
+    """In-process, to hold the window open: a cursor write of channel c is in
+    its worker thread when c is deleted and created again with a rewind of its
+    own; the old write ends after the new one.  The file must be the new
+    channel's cursor -- neither the old one's nor gone."""
+    import threading
+
+    import trio
+
+    from pynsqd import replay as replay_mod
+    from pynsqd.nsqd import NSQD
+    from pynsqd.options import Options
+
+    real = replay_mod.write_atomically
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_first(path: str, data: bytes) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+        real(path, data)
+
+    monkeypatch.setattr(replay_mod, "write_atomically", slow_first)
+    nsqd = NSQD(Options(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0", data_path=str(tmp_path), lookupd_tcp_addresses=[], retention_time=3600.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(nsqd.run)
+        topic = nsqd.get_topic("t")
+        old = topic.get_channel("c")
+        old.replay = nsqd.retention.rewind(topic, old, 0)
+        old_saved = trio.Event()
+
+        async def save_old() -> None:
+            await replay_mod.save_cursor(nsqd, topic, old)
+            old_saved.set()
+
+        nursery.start_soon(save_old)
+        assert await trio.to_thread.run_sync(started.wait, 10)
+        topic.delete_existing_channel("c")
+        new = topic.get_channel("c")
+        assert new is not old
+        new.replay = nsqd.retention.rewind(topic, new, 123)
+        with trio.move_on_after(10) as waiting:
+            async with trio.open_nursery() as saves:
+                saves.start_soon(replay_mod.save_cursor, nsqd, topic, new)
+                await trio.sleep(0.2)  # (not for synchronisation: gives the new write its chance to go first)
+                release.set()
+                await old_saved.wait()
+        assert not waiting.cancelled_caught
+        path = replay_mod.cursor_path(nsqd, topic, new)
+        assert os.path.exists(path), "the recreated channel's cursor was unlinked by the old channel's write"
+        assert replay_mod.Replay.load(path).since == 123
+        nursery.cancel_scope.cancel()
