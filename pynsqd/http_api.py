@@ -507,8 +507,9 @@ class HTTPAPI:
         were message X where they came from (one per channel that moved it)."""
         topic = self._existing_topic(req)
         if req.has_arg("original_id"):
+            original_id = self._message_id(req, "original_id")
             dlq = self.nsqd.dead_letters.logs.get(topic.name)
-            found = dlq.by_original_id(self._message_id(req, "original_id")) if dlq is not None else []
+            found = dlq.by_original_id(original_id) if dlq is not None else []
             if not found:
                 raise HTTPError(404, "MESSAGE_NOT_FOUND")
             return respond({"count": len(found), "messages": [o.to_json() for o in found]})
