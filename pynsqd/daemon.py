@@ -18,6 +18,7 @@ from .listener import ListenError
 
 
 T = TypeVar("T")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Daemon(Protocol):
@@ -55,6 +56,14 @@ async def run_until_signal(body: Callable[[trio.CancelScope], Awaitable[T]]) -> 
     middle of writing the queues to disk."""
     log = logging.get_logger()
     stop = trio.CancelScope()
+    outside: list[int] = []
+
+    def outside_receiver(signum: int, frame: object) -> None:
+        # what trio restores when its receiver closes, and hands the signals
+        # the watcher had not read yet (the second of a pair sent together):
+        # the daemon is stopping already.  One before the receiver opens is
+        # kept for it.
+        outside.append(signum)
 
     async def watch(signals: Any) -> None:
         async for signum in signals:
@@ -65,8 +74,12 @@ async def run_until_signal(body: Callable[[trio.CancelScope], Awaitable[T]]) -> 
                 log.info("signal received, shutting down", signal=name)
                 stop.cancel()
 
+    previous = {signum: signal.signal(signum, outside_receiver) for signum in _STOP_SIGNALS}
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            if outside:
+                log.info("signal received, shutting down", signal=signal.Signals(outside[0]).name)
+                stop.cancel()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch, signals)
                 try:
@@ -74,11 +87,12 @@ async def run_until_signal(body: Callable[[trio.CancelScope], Awaitable[T]]) -> 
                 finally:
                     nursery.cancel_scope.cancel()
     finally:
-        if stop.cancel_called:
-            # shut down and about to exit: a signal sent a moment later (the
-            # second of a pair) must not kill the process with the default action
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum, handler in previous.items():
+            if stop.cancel_called:
+                # shut down and about to exit: a signal sent a moment later
+                # must not kill the process with the default action
+                handler = signal.SIG_IGN
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 async def serve_until_signal(daemon: Daemon, on_started: Callable[[], None] | None = None) -> int:

@@ -180,3 +180,26 @@ def test_a_second_signal_during_shutdown_is_ignored(tmp_path):
     d.proc.send_signal(signal.SIGINT)
     assert d.stop() == 0
     assert any("NSQ: persisted twice: 100 messages written to disk" in line for line in d.lines), d.lines
+
+
+# a body that, once stopped by a first SIGTERM, gets a second one and returns
+# before the signal watcher can read it: the signal is left in trio's receiver
+# when it closes, and trio hands such signals back to the handlers it restores
+_SECOND_SIGNAL_UNREAD = """
+import signal, sys, trio
+from pynsqd.daemon import run_until_signal
+
+async def body(stop):
+    with stop:
+        signal.raise_signal(signal.SIGTERM)
+        await trio.sleep_forever()
+    signal.raise_signal(signal.SIGTERM)  # no checkpoint after it: never read
+    return 0
+
+sys.exit(trio.run(run_until_signal, body))
+"""
+
+
+def test_a_second_signal_left_unread_at_exit_does_not_kill_the_process():
+    proc = subprocess.run([sys.executable, "-c", _SECOND_SIGNAL_UNREAD], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
