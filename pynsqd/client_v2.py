@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .protocol import FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, MESSAGE_FRAME_PREFIX, ProtocolError, encode_error, encode_frame
+from .protocol import FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, MESSAGE_FRAME_PREFIX, OK, ProtocolError, encode_error, encode_frame
 
 _pack_message_prefix = MESSAGE_FRAME_PREFIX.pack
+# the reply to every publish, made once
+_OK_FRAME = encode_frame(FRAME_TYPE_RESPONSE, OK)
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -91,7 +93,7 @@ class ClientV2:
     # ------------------------------------------------------------ output
 
     def send_response(self, data: bytes) -> None:
-        frame = encode_frame(FRAME_TYPE_RESPONSE, data)
+        frame = _OK_FRAME if data is OK else encode_frame(FRAME_TYPE_RESPONSE, data)
         self.out.append(frame)
         self.out_size += len(frame)
         self.flush_now = True

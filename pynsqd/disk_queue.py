@@ -206,10 +206,22 @@ class DiskQueue(SyncNotifier):
         n = len(data)
         if n < self._min or n > self._max:
             raise BackendError(f"invalid message write size ({n}) minMsgSize={self._min} maxMsgSize={self._max}")
-        if self._wpos > 0 and self._wpos + 4 + n > self._max_bytes:
+        pos = self._wpos
+        if pos > 0 and pos + 4 + n > self._max_bytes:
             self._write(self._split([data], [n]), 1)
-        else:
-            self._write([(self._wfn, self._wpos, _LEN.pack(n) + data)], 1)
+            return
+        record = _LEN.pack(n) + data
+        fd = self._wfd
+        if fd is None:  # the write file is still to be opened
+            self._write([(self._wfn, pos, record)], 1)
+            return
+        # the usual case (a PUB's record into the open file): one pwrite
+        try:
+            self._write_all(fd, record, pos)
+        except OSError as e:
+            raise self._write_failure([(self._wfn, pos, record)], [fd], e) from e
+        self._wpos = pos + 4 + n
+        self._written(1)
 
     def put_many(self, items: list[bytes], notes: list[int] | None = None, mark: int | None = None) -> None:
         """Append ``items`` all or none.  With tracked reads, ``notes`` (one per
@@ -426,21 +438,29 @@ class DiskQueue(SyncNotifier):
                 fds.append(fd)
                 self._write_all(fd, data, start)
         except OSError as e:
-            self._undo(segs, fds)
-            self._write_failed = True
-            self._log.error("diskqueue write failed", queue=self.name, file=self._file(self._wfn), error=str(e))
-            raise BackendError(f"diskqueue {self.name}: write failed: {e}") from e
+            raise self._write_failure(segs, fds, e) from e
         for (num, start, data), fd in zip(segs, fds):
             if num != self._wfn:
                 self._roll_writer()
                 self._wfd = fd
                 self._dir_dirty = True
             self._wpos = start + len(data)
+        self._written(count)
+
+    def _written(self, count: int) -> None:
+        """``count`` records are in the files (positions already committed)."""
         self._depth += count
         self._ops += count
         self._write_failed = False
         if self._ops >= self._sync_every:
             self._notify_due()
+
+    def _write_failure(self, segs: list[tuple[int, int, bytes]], fds: list[int | None], e: OSError) -> BackendError:
+        """A write of ``segs`` failed: undo it; the error to raise."""
+        self._undo(segs, fds)
+        self._write_failed = True
+        self._log.error("diskqueue write failed", queue=self.name, file=self._file(self._wfn), error=str(e))
+        return BackendError(f"diskqueue {self.name}: write failed: {e}")
 
     def _write_all(self, fd: int, data: bytes, pos: int) -> None:
         # pwrite at our own offset: bytes of a failed write past _wpos get overwritten, never served

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import struct
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
 MAGIC_V1 = b"  V1"
@@ -36,6 +36,9 @@ CLOSE_WAIT = b"CLOSE_WAIT"
 # nsqd reads command lines through a 16 KiB buffered reader; a longer line is
 # an error there too.
 MAX_LINE_LENGTH = 16 * 1024
+
+# the longest parameter CommandParser.take_body_command looks for (a topic name)
+MAX_KNOWN_PARAM = 64
 
 # commands followed by a [size][body] block
 NSQD_BODY_COMMANDS = frozenset({b"IDENTIFY", b"AUTH", b"PUB", b"MPUB", b"DPUB"})
@@ -476,6 +479,44 @@ class CommandParser:
         end = acc._pos = m.end()
         n = run.param_length
         return [buf[i : i + n] for i in range(start + run.param_start, end, run.line_length)]
+
+    def has_input(self) -> bool:
+        """Whether received bytes wait to be parsed (without them ``next_command``
+        and the ``take_`` methods find nothing)."""
+        acc = self._acc
+        return acc._chunks is None and acc._pos < len(acc._buf)
+
+    def take_body_command(self, prefix: bytes, known: Container[bytes], max_size: int) -> tuple[bytes, bytes] | None:
+        """A whole ``NAME param\\n[size][body]`` command at the head of the
+        input, consumed, as ``(param, body)``: ``prefix`` is ``b"NAME "``,
+        ``param`` one of ``known`` (at most MAX_KNOWN_PARAM bytes) and
+        ``0 < size <= max_size``.  Anything else (another command, a body not
+        all here, a parameter never seen, a size ``next_command``'s checks must
+        judge) gives None and consumes nothing: ``next_command`` takes it.
+
+        The request/response publisher's command (PUB, wait for OK, PUB...)
+        without the general path's Command and checks: what ``known`` holds
+        was checked when ``next_command`` first met it."""
+        acc = self._acc
+        if self._pending is not None or acc._chunks is not None:
+            return None
+        buf = acc._buf
+        pos = acc._pos
+        if not buf.startswith(prefix, pos):
+            return None
+        start = pos + len(prefix)
+        nl = buf.find(b"\n", start, start + MAX_KNOWN_PARAM + 1)
+        if nl < 0:
+            return None
+        param = buf[start:nl]
+        if param not in known or nl + 5 > len(buf):
+            return None
+        (size,) = _INT32.unpack_from(buf, nl + 1)
+        end = nl + 5 + size
+        if not 0 < size <= max_size or end > len(buf):
+            return None
+        acc._pos = end
+        return param, buf[nl + 5 : end]
 
     def commands(self, data: bytes = b"") -> list[Command]:
         """Feed ``data`` and return every complete command (raises on bad input)."""

@@ -71,6 +71,12 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def _publish_failed(name: bytes, exc: Exception) -> ProtocolError:
+    """E_PUB_FAILED, E_MPUB_FAILED, E_DPUB_FAILED: the publish was not accepted."""
+    cmd = _text(name)
+    return ProtocolError(f"E_{cmd}_FAILED", f"{cmd} failed {exc}")
+
+
 # ------------------------------------------------------------ edge actions
 
 
@@ -157,6 +163,9 @@ class ProtocolV2:
         self._failed = False
         # the topic names this publisher used lately, checked (raw -> name)
         self._topic_names: dict[bytes, str] = {}
+        # PUB may take the parser's quick path: nothing to ask first
+        self._quick_pub = not self._tls_required and nsqd.auth is None
+        self._max_msg_size = self.opts.max_msg_size
 
     # ------------------------------------------------------------ driving
 
@@ -172,11 +181,24 @@ class ProtocolV2:
             if self._retry is not None:
                 cmd, self._retry = self._retry, None
             else:
+                if not parser.has_input():
+                    return None
                 if client.state == STATE_SUBSCRIBED and not self._tls_required:
                     # a consumer's input is mostly FINs: a buffer of them at a time
                     ids = parser.take_run(FIN_RUN)
                     if ids:
                         self._fin_run(ids)
+                        continue
+                elif self._quick_pub:
+                    # a publisher's is PUBs to the topics it used before
+                    pub = parser.take_body_command(b"PUB ", self._topic_names, self._max_msg_size)
+                    if pub is not None:
+                        raw_topic, body = pub
+                        try:
+                            topic = self._publish_topic(b"PUB", raw_topic)
+                            self._accept(b"PUB", topic, [topic.new_message(body)])
+                        except ProtocolError as err:
+                            return self._fail(err)  # E_PUB_FAILED is fatal
                         continue
                 try:
                     cmd = parser.next_command()
@@ -569,45 +591,53 @@ class ProtocolV2:
     def NOP(self, cmd: Command) -> None:
         return None
 
-    def _publish(self, cmd: Command, code: str, make: Callable[[Topic], Messages]) -> Action | None:
+    def _publish(self, cmd: Command, make: Callable[[Topic], Messages]) -> Action | None:
         """PUB, MPUB and DPUB once their input is valid: auth, queue, reply."""
-        topic_name = self._check_topic(cmd.name, cmd.params[0])
-        nsqd = self.nsqd
-        if nsqd.auth is not None:
-            action = self._check_auth(_text(cmd.name), topic_name, "")
+        if self.nsqd.auth is not None:
+            action = self._check_auth(_text(cmd.name), self._check_topic(cmd.name, cmd.params[0]), "")
             if action is not None:
                 return self.retry_after_auth(cmd) if isinstance(action, Reauthorize) else action
-        topic = nsqd.get_topic(topic_name)
+        topic = self._publish_topic(cmd.name, cmd.params[0])
+        self._accept(cmd.name, topic, make(topic))
+        return None
+
+    def _publish_topic(self, name: bytes, raw_topic: bytes) -> Topic:
+        """The topic a publish (``name``) goes to, if it takes publishes (its disk bound)."""
+        topic = self.nsqd.get_topic(self._check_topic(name, raw_topic))
         if topic.max_disk_bytes:
             try:
                 topic.check_disk_bound()
             except TopicFull as exc:  # back-pressure: the publisher retries later
-                raise ProtocolError(code, f"{_text(cmd.name)} failed {exc}") from None
-        msgs = make(topic)
+                raise _publish_failed(name, exc) from None
+        return topic
+
+    def _accept(self, name: bytes, topic: Topic, msgs: Messages) -> None:
+        """Queue the messages of a publish (``name``), count them, answer OK."""
+        nsqd = self.nsqd
         try:
             topic.put_messages(msgs)
         except (BackendError, TopicExiting) as exc:
             nsqd.note_put_failure(exc)
-            raise ProtocolError(code, f"{_text(cmd.name)} failed {exc}") from None
+            raise _publish_failed(name, exc) from None
         if not nsqd.is_healthy():
             nsqd.note_put_success()
         counts = self.client.pub_counts
+        topic_name = topic.name
         counts[topic_name] = counts.get(topic_name, 0) + len(msgs)
         self.client.send_response(OK)
-        return None
 
     def PUB(self, cmd: Command) -> Action | None:
         body: bytes = cmd.body  # type: ignore[assignment]
-        return self._publish(cmd, "E_PUB_FAILED", lambda topic: [topic.new_message(body)])
+        return self._publish(cmd, lambda topic: [topic.new_message(body)])
 
     def MPUB(self, cmd: Command) -> Action | None:
         # every message is validated before any is queued; they stay in the
         # body until delivered
         body = cmd.body or b""
         count, size, starts = scan_mpub_body(body, self.opts.max_msg_size, self.opts.max_body_size)
-        return self._publish(cmd, "E_MPUB_FAILED", lambda topic: topic.new_batch(body, count, size, starts))
+        return self._publish(cmd, lambda topic: topic.new_batch(body, count, size, starts))
 
     def DPUB(self, cmd: Command) -> Action | None:
         delay = self._dpub_delay(cmd.params[1])
         body: bytes = cmd.body  # type: ignore[assignment]
-        return self._publish(cmd, "E_DPUB_FAILED", lambda topic: [topic.new_message(body, deferred=delay)])
+        return self._publish(cmd, lambda topic: [topic.new_message(body, deferred=delay)])

@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import termios
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -42,6 +43,9 @@ LINGER_TIMEOUT = 1.0
 LINGER_POLL = 0.005
 # how long the reader polls a quick request/response client before it waits
 SPIN = 50e-6
+# a reader that keeps finding input without waiting yields to the other tasks
+# at least this often (seconds of its own work)
+SLICE = 500e-6
 # SIOCOUTQ: bytes sent but not yet acknowledged (our FIN counts as one)
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
 # on plain TCP the reader does its own non-blocking read(2) and write(2)
@@ -116,9 +120,8 @@ def _read(fd: int) -> bytes | None:
 
 
 def _spin_read(fd: int, until: float) -> bytes | None:
-    """Poll with read(2) until trio's clock reaches ``until``."""
-    clock = trio.lowlevel.current_clock().current_time
-    while clock() < until:
+    """Poll with read(2) until ``perf_counter()`` reaches ``until``."""
+    while perf_counter() < until:
         data = _read(fd)
         if data is not None:
             return data
@@ -158,6 +161,9 @@ class ConnectionV2:
     def __init__(self, nsqd: NSQD, stream: trio.abc.Stream, remote_address: str) -> None:
         self.nsqd = nsqd
         self.stream = stream
+        # plain TCP: the socket, which the reader reads and writes with its
+        # own non-blocking read(2)/write(2); None once the stream is upgraded
+        self._fd: int | None = stream.socket.fileno() if _INLINE_IO and type(stream) is LingeringSocketStream else None
         self.client = nsqd.new_client(remote_address)
         self.proto = ProtocolV2(nsqd, self.client)
         self._lot = trio.lowlevel.ParkingLot()
@@ -171,8 +177,8 @@ class ConnectionV2:
         # waits for the client (since when), and the scope it waits in
         self._reading_since: float | None = None
         self._read_scope = trio.CancelScope()
-        # the reader yielded in its last wait: the next read need not yield again
-        self._waited = False
+        # when the reader last let the other tasks run (perf_counter seconds)
+        self._yielded_at = 0.0
         # its last answer came within SPIN: poll before waiting (see _receive)
         self._quick_client = False
         # one sender at a time: the writer task, or the reader while it
@@ -227,39 +233,40 @@ class ConnectionV2:
 
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" at EOF)."""
-        stream = self.stream  # IDENTIFY may have upgraded it
-        since = trio.current_time()
-        if not (_INLINE_IO and type(stream) is LingeringSocketStream):
-            self._reading_since = since
+        fd = self._fd
+        if fd is None:  # an upgraded stream (TLS, snappy, deflate)
+            self._reading_since = trio.current_time()
             try:
-                return bytes(await stream.receive_some(RECEIVE_SIZE))  # bytes already: not copied
+                return bytes(await self.stream.receive_some(RECEIVE_SIZE))  # bytes already: not copied
             finally:
                 self._reading_since = None
         # plain TCP: read(2) straight away, and wait only when nothing is
         # there (one trio socket layer less per request/response round trip)
-        sock = stream.socket
-        data = _read(sock.fileno())
+        data = _read(fd)
+        since = perf_counter()
         if data is None and self._quick_client and trio.lowlevel.current_statistics().tasks_runnable == 0:
             # a client whose last answer came within SPIN (PUB, wait for OK,
             # PUB...) is polled for that long before the loop sleeps in epoll:
             # the sleep and the wake-up cost more than the client's whole turn
             # (Go's scheduler spins before it parks for the same reason).  Only
-            # while nothing else is runnable; the checkpoint below follows.
-            data = _spin_read(sock.fileno(), since + SPIN)
+            # while nothing else is runnable.
+            data = _spin_read(fd, since + SPIN)
         if data is not None:
-            if not self._waited:
-                # a client that always has more must not starve the others
+            if since - self._yielded_at > SLICE:
+                # a client that always has more must not starve the others;
+                # but a scheduler pass costs as much as a PUB round trip, so
+                # not one per read: once per SLICE of work (the wait below is one)
                 await trio.lowlevel.checkpoint()
-            self._waited = False
+                self._yielded_at = perf_counter()
             return data
-        self._reading_since = since
+        self._reading_since = trio.current_time()
         try:
             while True:
-                await trio.lowlevel.wait_readable(sock)
-                self._waited = True
-                data = _read(sock.fileno())
+                await trio.lowlevel.wait_readable(fd)
+                data = _read(fd)
                 if data is not None:
-                    self._quick_client = trio.current_time() - since < SPIN
+                    self._yielded_at = now = perf_counter()
+                    self._quick_client = now - since < SPIN
                     return data
         finally:
             self._reading_since = None
@@ -304,13 +311,13 @@ class ConnectionV2:
         """Write the output from the reader, without ever blocking it (a
         reader stuck on a full socket would leave the client's commands
         unread).  False: the writer task must send (what is left)."""
-        stream = self.stream
-        if not _INLINE_IO or type(stream) is not LingeringSocketStream or self._send_lock.locked():
+        fd = self._fd
+        if fd is None or self._send_lock.locked():
             return False
         client = self.client
         data = client.take_output()
         try:
-            sent = os.write(stream.socket.fileno(), data)
+            sent = os.write(fd, data)
         except BlockingIOError:
             sent = 0
         if sent == len(data):
@@ -340,6 +347,7 @@ class ConnectionV2:
             async with self._send_lock:
                 await self._flush_locked()
                 # bytes the client sent after IDENTIFY belong to the new layer
+                self._fd = None  # from now on the layers read and write
                 early = self.proto.parser.take_unparsed()
                 if early:
                     self.stream = PrefixedStream(self.stream, early)

@@ -173,7 +173,9 @@ class Topic:
         (in which case nothing was accepted)."""
         if self.exiting:
             raise TopicExiting(self.name)
-        if self.channels and not self.paused and not self.holds and not self.memory and self.backend.depth() == 0 and not self._stall:
+        if not self.channels:
+            self._store(msgs)  # kept until a channel comes
+        elif not self.paused and not self.holds and not self.memory and self.backend.depth() == 0 and not self._stall:
             self._fan_out(msgs)
         else:
             self._store(msgs)
@@ -219,6 +221,8 @@ class Topic:
             # the record format has no room for the delay: the queue's journal keeps it
             notes = [int(m.deferred * 1e9) for m in spill]
             self.backend.put_many(encode_messages(spill), notes=notes)  # type: ignore[call-arg]
+        elif not deferred and type(spill) is list and len(spill) == 1:
+            self.backend.put(spill[0].encode())  # a PUB's record
         else:
             self.backend.put_many(encode_messages(spill))
             if deferred:

@@ -207,3 +207,21 @@ def test_reserve_gives_the_ids_new_ids_would():
             assert guid.block_ids(base, first, 0, count) == b.new_ids(count)
             clock.ns += 1 << 19  # half a tick: sometimes the same tick, sometimes the next
         check_ids([a.new_id(), *guid.block_ids(*a.reserve(10), 0, 10)], 7)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 1023), _ops)
+def test_new_id_is_the_id_reserve_would_give(node_id, ops):
+    """new_id is made without a block: the same ids as reserve(1), in any
+    interleaving with blocks, under any clock."""
+    with fake_clock() as clock:
+        f, model = GuidFactory(node_id), GuidFactory(node_id)
+        for op, arg in ops:
+            if op == "clock":
+                clock.ns += arg
+            elif op == "id":
+                assert f.new_id() == guid.block_id(*model.reserve(1), 0)
+            elif arg:
+                assert f.new_ids(arg) == model.new_ids(arg)
+        for _ in range(4100):  # and across a sequence overflow with the clock frozen
+            assert f.new_id() == guid.block_id(*model.reserve(1), 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -476,6 +477,39 @@ def test_pipelined_commands_in_one_write(nsqd, unique):
     c = subscriber(nsqd, unique, "ch", rdy=100)
     assert [c.read_message()[3] for _ in range(100)] == [b"%d" % i for i in range(100)]
     c.close()
+
+
+def test_a_publisher_that_always_has_more_does_not_starve_another(nsqd, unique):
+    # the busy publisher's next PUBs are always there when the daemon reads:
+    # the reader yields to the other connections by time, not by waiting
+    busy = RawClient(nsqd.tcp_port)
+    # (ephemeral: no disk, so no sync for the reader to wait for either)
+    chunk = encode_command(b"PUB", unique + "#ephemeral", body=b"x") * 20_000
+    stop = threading.Event()
+    sent = []
+
+    def flood() -> None:
+        deadline = time.monotonic() + 30  # bounded: a starved PUB below times out first (10 s)
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                busy.send(chunk)
+                sent.append(20_000)
+        except OSError:  # closed below
+            pass
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        wait_for(lambda: sum(sent) >= 100_000, message="the flood under way")
+        with RawClient(nsqd.tcp_port) as other:
+            assert other.pub(unique + "_other", b"y").data == b"OK"
+        assert flooder.is_alive()  # answered while the flood went on
+    finally:
+        stop.set()
+        # a reset: the daemon drops what is still unread instead of publishing it
+        busy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        busy.close()
+        flooder.join()
 
 
 def test_max_channel_consumers(tmp_path, unique):

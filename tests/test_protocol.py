@@ -819,3 +819,64 @@ def test_fin_runs_are_the_fin_commands_next_command_would_give(lines, data):
                 break
             got.append(cmd)
     assert got == expected
+
+
+# ---------------------------------------------------------------- PUBs taken whole
+
+
+_KNOWN = frozenset({b"t", b"topic.b"})
+_MAX_SIZE = 20
+_PUB_LINES = st.one_of(
+    # a PUB to a known topic of a size take_body_command accepts, or one it must leave
+    st.builds(lambda t, b: encode_command(b"PUB", t, body=b), st.sampled_from(sorted(_KNOWN)), st.binary(min_size=1, max_size=_MAX_SIZE)),
+    st.builds(lambda b: encode_command(b"PUB", b"t", body=b), st.binary(min_size=_MAX_SIZE + 1, max_size=_MAX_SIZE + 30)),
+    st.sampled_from([b"PUB other\n\x00\x00\x00\x01x", b"PUB t\r\n\x00\x00\x00\x01x", b"PUB t x\n\x00\x00\x00\x01x",
+                     b"PUB t\n\x00\x00\x00\x00", b"PUB \n\x00\x00\x00\x01x", b"PUBX t\n", b"NOP\n", b"DPUB t 5\n\x00\x00\x00\x01x",
+                     b"MPUB t\n\x00\x00\x00\x09\x00\x00\x00\x01\x00\x00\x00\x01x", b"FIN 0123456789abcdef\n",
+                     b"PUB topic.b\n\x00\x00\x00\x02" + b"\n" * 2]),
+)
+
+
+@FAST
+@given(st.lists(_PUB_LINES, max_size=30), st.data())
+def test_pubs_taken_whole_are_the_commands_next_command_would_give(lines, data):
+    stream = b"".join(lines)
+    expected = CommandParser().commands(stream)
+    parser = CommandParser()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    got: list[Command] = []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        parser.receive_data(stream[a:b])
+        while parser.has_input():
+            pub = parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE)
+            if pub is not None:
+                assert pub[0] in _KNOWN and 0 < len(pub[1]) <= _MAX_SIZE
+                got.append(Command(b"PUB", [pub[0]], pub[1]))
+                continue
+            cmd = parser.next_command()
+            if cmd is None:
+                break
+            got.append(cmd)
+    assert got == expected
+    assert not parser.has_input() or parser.next_command() is None
+
+
+def test_take_body_command_leaves_what_it_does_not_take():
+    parser = CommandParser()
+    parser.receive_data(b"PUB t\n\x00\x00\x00\x05abc")  # the body not all here
+    assert parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE) is None
+    parser.receive_data(b"de")
+    assert parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE) == (b"t", b"abcde")
+    assert not parser.has_input()
+    parser.receive_data(b"PUB t\n\x00\x00\x00")  # the size not all here
+    assert parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE) is None and parser.has_input()
+    parser.receive_data(b"\x02xy")
+    assert parser.next_command() == Command(b"PUB", [b"t"], b"xy")
+
+
+def test_has_input_is_false_while_a_large_body_is_collected():
+    parser = CommandParser()
+    parser.receive_data(encode_command(b"PUB", "t", body=b"x" * (BIG + 10))[: BIG // 2])
+    assert parser.next_command() is None
+    parser.receive_data(b"x" * 100)
+    assert not parser.has_input()  # still collecting: nothing to parse yet
