@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import trio
 
 from helpers import RawClient, wait_for
 from pynsqd.protocol import FRAME_TYPE_ERROR, FRAME_TYPE_RESPONSE, encode_command, encode_mpub_body
@@ -510,6 +511,21 @@ def test_a_publisher_that_always_has_more_does_not_starve_another(nsqd, unique):
         busy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         busy.close()
         flooder.join()
+
+
+def test_the_readers_count_of_runnable_tasks_is_trios():
+    # the reader spins only while no other task is runnable; it reads trio's
+    # run queue instead of building current_statistics() before each spin
+    from pynsqd import tcp
+
+    async def main() -> None:
+        assert tcp._RUN_CONTEXT is not None and hasattr(tcp._RUN_CONTEXT.runner, "runq")  # the quick way still works
+        async with trio.open_nursery() as nursery:
+            for expected in range(4):
+                assert tcp._tasks_runnable() == trio.lowlevel.current_statistics().tasks_runnable == expected
+                nursery.start_soon(trio.sleep, 0)
+
+    trio.run(main)
 
 
 def test_max_channel_consumers(tmp_path, unique):
