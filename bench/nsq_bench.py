@@ -447,6 +447,8 @@ def _unexpect(cfg: dict[str, Any], missing: int) -> None:
 
 def _pub_worker(cfg: dict[str, Any], wait_start: Callable[[], float]) -> dict[str, Any]:
     """PUB one message, wait for OK, repeat."""
+    if cfg.get("cpu") is not None:  # side_by_side --pin
+        os.sched_setaffinity(0, {cfg["cpu"]})
     sock, dec, _ = _worker_conn(cfg, client_id=f"bench-pub-{cfg['index']}")
     cmd = encode_command(b"PUB", cfg["topic"], body=cfg["payload"])
     res: dict[str, Any] = {"errors": []}

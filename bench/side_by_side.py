@@ -21,7 +21,8 @@ Workloads:
   message) for ``--runfor`` on the backlog ``mpub`` just left (same daemon);
 * ``spill``: bench_writer against a daemon on default flags (past 10,000
   messages to the disk queue);
-* ``pub``: one PUB at a time on one connection, each OK awaited, for ``--runfor``;
+* ``pub``: one PUB at a time on one connection, each OK awaited, for ``--runfor``
+  (``--pin same|apart``: the daemon and the client on one CPU, or on two);
 * ``rss``: RSS growth for ``--rss-messages`` held in the in-memory queue,
   scaled to MiB per million (lower is better, so its ratio is Go / pynsqd).
 """
@@ -94,10 +95,11 @@ class Daemon:
 class Load:
     """bench_writer/bench_reader, or nsq_bench's workers when they are missing."""
 
-    def __init__(self, tools: Path | None, size: int, batch: int, runfor: float) -> None:
+    def __init__(self, tools: Path | None, size: int, batch: int, runfor: float, pin: str = "") -> None:
         self.writer = tools / "bench_writer" if tools and (tools / "bench_writer").exists() else None
         self.reader = tools / "bench_reader" if tools and (tools / "bench_reader").exists() else None
         self.size, self.batch, self.runfor = size, batch, runfor
+        self.pin = pin
 
     def describe(self) -> dict[str, str]:
         return {"writer": str(self.writer or "nsq_bench._mpub_worker (window 1, one per core)"),
@@ -135,6 +137,9 @@ class Load:
 
     def pub(self, d: Daemon, topic: str) -> float:
         cfg = {**self._cfg(d, topic, "writer"), "count": 10**9}
+        if self.pin:
+            daemon_cpu, cfg["cpu"] = pin_cpus(self.pin)
+            pin_process(d.spawned.pid, daemon_cpu)
         return self._workers([(nb._pub_worker, cfg)], "writer")
 
     def fill(self, d: Daemon, topic: str, count: int) -> None:
@@ -152,6 +157,24 @@ class Load:
         if agg["errors"] and not agg["messages"]:
             raise nb.BenchError("; ".join(agg["errors"][:2]))
         return agg["msgs_per_s"]
+
+
+def pin_cpus(pin: str) -> tuple[int, int]:
+    """(daemon CPU, client CPU) for ``--pin``: ``same`` puts both on the last
+    CPU (a round trip is then the two processes' CPU time, as on a machine
+    whose other cores are busy), ``apart`` on the last and the first (every
+    answer wakes the other core)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[-1], cpus[-1]) if pin == "same" else (cpus[-1], cpus[0])
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 def _cpu_pct(before: dict[str, Any], after: dict[str, Any]) -> float | None:
@@ -299,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=200)
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--rss-messages", type=int, default=1_000_000)
+    p.add_argument("--pin", choices=("same", "apart"), default="",
+                   help="pub only: pin the daemon (every thread) and the pub client to one CPU (same) or two (apart), "
+                        "the two cases an unpinned run mixes (see bench/README.md)")
     p.add_argument("--json-out")
     return p
 
@@ -315,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no nsqd at {opts.other_nsqd}: nothing to compare with (--other-nsqd)", file=sys.stderr)
         return 2
     tools = Path(opts.bench_tools) if opts.bench_tools else None
-    load = Load(tools, opts.size, opts.batch, opts.runfor)
+    if opts.pin == "apart" and len(os.sched_getaffinity(0)) < 2:
+        print("--pin=apart needs two CPUs", file=sys.stderr)
+        return 2
+    load = Load(tools, opts.size, opts.batch, opts.runfor, opts.pin)
     cmds = {"pynsqd": shlex.split(opts.pynsqd_cmd), "other": other}
     report: dict[str, Any] = {
         "tool": "side_by_side", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -340,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, "Go nsqd" if is_go else Path(other[0]).name))
     print(f"\nload: {load.describe()['writer']} / {load.describe()['reader']}; "
           f"1-min load average {min(loads):.2f}-{max(loads):.2f} over the run")
+    if opts.pin:
+        daemon_cpu, client_cpu = pin_cpus(opts.pin)
+        print(f"pub pinned ({opts.pin}): daemon on CPU {daemon_cpu}, client on CPU {client_cpu}")
     for r in rows:
         for p in r["problems"]:
             print(f"{r['workload']}: {p}")

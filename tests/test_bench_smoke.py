@@ -95,7 +95,7 @@ def test_side_by_side_runs_every_workload(tmp_path: Path) -> None:
     pynsqd = f"{sys.executable} -m pynsqd"
     proc = subprocess.run(
         [sys.executable, str(BENCH.parent / "side_by_side.py"), f"--other-nsqd={pynsqd}", "--bench-tools=",
-         "--rounds=1", "--runfor=0.5", "--rss-messages=50000", f"--json-out={out}"],
+         "--rounds=1", "--runfor=0.5", "--rss-messages=50000", "--pin=same", f"--json-out={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -104,3 +104,4 @@ def test_side_by_side_runs_every_workload(tmp_path: Path) -> None:
     assert list(rows) == ["mpub", "consume", "spill", "pub", "rss"]
     assert all(r["ratio_median"] and r["pynsqd_median"] and r["other_median"] for r in rows.values()), rows
     assert "| MPUB into memory (msg/s) |" in proc.stdout
+    assert "pub pinned (same)" in proc.stdout
