@@ -50,10 +50,18 @@ SLICE = 500e-6
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
 # on plain TCP the reader does its own non-blocking read(2) and write(2)
 _INLINE_IO = os.name == "posix"
-try:  # where trio keeps the running loop (see _tasks_runnable)
-    from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT
-except ImportError:  # pragma: no cover - a trio without it: the public report
-    _RUN_CONTEXT = None
+
+
+def _trio_run_context() -> Any:
+    """Where trio keeps the running loop (see _tasks_runnable); None if it moved."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+    except ImportError:  # pragma: no cover - a trio without it: the public report
+        return None
+    return GLOBAL_RUN_CONTEXT
+
+
+_RUN_CONTEXT = _trio_run_context()
 
 
 class LingeringSocketStream(trio.abc.HalfCloseableStream):

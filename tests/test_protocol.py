@@ -799,26 +799,32 @@ _RUN_LINES = st.one_of(
 )
 
 
-@FAST
-@given(st.lists(_RUN_LINES, max_size=30), st.data())
-def test_fin_runs_are_the_fin_commands_next_command_would_give(lines, data):
-    stream = b"".join(lines)
-    expected = CommandParser().commands(stream)
+def parsed_in_pieces(stream: bytes, cuts: list[int], take) -> tuple[list[Command], CommandParser]:
+    """Every command of ``stream`` fed cut at ``cuts``: first what ``take(parser)``
+    takes (Commands; [] when it takes nothing), else what next_command gives."""
     parser = CommandParser()
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     got: list[Command] = []
     for a, b in zip([0, *cuts], [*cuts, len(stream)]):
         parser.receive_data(stream[a:b])
         while True:
-            ids = parser.take_run(FIN_RUN)
-            if ids:
-                got += [Command(b"FIN", [i]) for i in ids]
+            taken = take(parser)
+            if taken:
+                got += taken
                 continue
             cmd = parser.next_command()
             if cmd is None:
                 break
             got.append(cmd)
-    assert got == expected
+    return got, parser
+
+
+@FAST
+@given(st.lists(_RUN_LINES, max_size=30), st.data())
+def test_fin_runs_are_the_fin_commands_next_command_would_give(lines, data):
+    stream = b"".join(lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    got, _ = parsed_in_pieces(stream, cuts, lambda parser: [Command(b"FIN", [i]) for i in parser.take_run(FIN_RUN)])
+    assert got == CommandParser().commands(stream)
 
 
 # ---------------------------------------------------------------- PUBs taken whole
@@ -837,28 +843,23 @@ _PUB_LINES = st.one_of(
 )
 
 
+def take_pub(parser: CommandParser) -> list[Command]:
+    had_input = parser.has_input()
+    pub = parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE)
+    if pub is None:
+        return []
+    assert had_input and pub[0] in _KNOWN and 0 < len(pub[1]) <= _MAX_SIZE
+    return [Command(b"PUB", [pub[0]], pub[1])]
+
+
 @FAST
 @given(st.lists(_PUB_LINES, max_size=30), st.data())
 def test_pubs_taken_whole_are_the_commands_next_command_would_give(lines, data):
     stream = b"".join(lines)
-    expected = CommandParser().commands(stream)
-    parser = CommandParser()
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
-    got: list[Command] = []
-    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
-        parser.receive_data(stream[a:b])
-        while parser.has_input():
-            pub = parser.take_body_command(b"PUB ", _KNOWN, _MAX_SIZE)
-            if pub is not None:
-                assert pub[0] in _KNOWN and 0 < len(pub[1]) <= _MAX_SIZE
-                got.append(Command(b"PUB", [pub[0]], pub[1]))
-                continue
-            cmd = parser.next_command()
-            if cmd is None:
-                break
-            got.append(cmd)
-    assert got == expected
-    assert not parser.has_input() or parser.next_command() is None
+    got, parser = parsed_in_pieces(stream, cuts, take_pub)
+    assert got == CommandParser().commands(stream)
+    assert not parser.has_input()  # every command was whole: nothing left
 
 
 def test_take_body_command_leaves_what_it_does_not_take():
