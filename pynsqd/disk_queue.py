@@ -30,6 +30,9 @@ records are skipped after a crash), a number kept per record (``notes``: due
 times), records stored again (``put_again()``), and how far a topic's backlog
 was copied into this queue (``mark``, with a crash in the middle of a copy
 detected and its remains skipped).  A token is the record's position key.
+``depth()`` leaves out the unread records the journal says will be passed
+over, so it counts exactly what will be served; the metadata's depth stays
+go-diskqueue's count of every record after its read position (Go serves them).
 
 Recovery treats the metadata as a hint checked against the files: at start
 every unread file is scanned, so depth, the write position and a torn or
@@ -152,6 +155,9 @@ class DiskQueue(SyncNotifier):
         self._journal_top = -1  # the highest record key a journal fact names
         self._skip: dict[int, bytes] = {}  # key -> id: finished before a crash
         self._skip_range: tuple[int, int] | None = None  # remains of a copy a crash cut short
+        # unread records that get_tracked() will pass over (finished before a
+        # crash, remains of a cut-short copy): depth() does not count them
+        self._skip_count = 0
         self._notes: dict[int, tuple[bytes, int]] = {}  # key -> (id, note)
         self.mark = -1  # topic position key up to which batches were copied here
         self._last_read = (0, 0)  # (file, pos) of the record get() returned last
@@ -178,7 +184,10 @@ class DiskQueue(SyncNotifier):
     # ------------------------------------------------------------------ state
 
     def depth(self) -> int:
-        return self._depth
+        """The records that will still be served: those from the read position
+        on, less the ones the journal says were finished before a crash (the
+        metadata keeps go-diskqueue's count of every record, for Go)."""
+        return max(0, self._depth - self._skip_count)
 
     @property
     def dirty(self) -> bool:
@@ -371,6 +380,8 @@ class DiskQueue(SyncNotifier):
             return True
         if self._journal is None:
             return False
+        if not self._will_skip(token, msg_id):
+            self._skip_count += 1
         self._skip[token] = msg_id
         self._journal_add(qj.entry(qj.ACK, token, msg_id), token)
         return True
@@ -535,6 +546,7 @@ class DiskQueue(SyncNotifier):
             token = (rfn << qj.POS_BITS) | rpos
             msg_id = data[10:26]
             if (self._skip or self._skip_range is not None) and self._skipped(token, msg_id):
+                self._skip_count -= 1
                 continue
             note = 0
             if self._notes:
@@ -545,6 +557,14 @@ class DiskQueue(SyncNotifier):
             self._tokens[token] = entry
             self._outstanding.append(entry)
             return data, token, note
+
+    def _will_skip(self, token: int, msg_id: bytes) -> bool:
+        """Would ``_skipped()`` pass over the record ``msg_id`` at ``token`` (without forgetting it)?"""
+        done = self._skip.get(token)
+        if done is not None:
+            return done == msg_id
+        span = self._skip_range
+        return span is not None and span[0] <= token < span[1]
 
     def _skipped(self, token: int, msg_id: bytes) -> bool:
         done = self._skip.pop(token, None)
@@ -738,6 +758,7 @@ class DiskQueue(SyncNotifier):
             self._check_tail()
 
     def _check_tail(self) -> None:
+        self._skip_count = 0  # every record was read past (or lost to damage)
         if self._depth != 0:
             self._log.error("diskqueue depth wrong at the tail, resetting to 0", queue=self.name, depth=self._depth)
             self._depth = 0
@@ -1013,14 +1034,44 @@ class DiskQueue(SyncNotifier):
                 self._log.warning("diskqueue skipping the remains of an interrupted copy", queue=self.name)
         for k in [k for k in self._notes if k >= end]:
             del self._notes[k]  # about records that never reached the disk
+        self._count_skipped()
         if self._skip or self._skip_range is not None:
-            self._log.info("diskqueue journal: records finished before the crash are skipped", queue=self.name, count=len(self._skip))
+            self._log.info("diskqueue journal: records finished before the crash are skipped", queue=self.name, count=self._skip_count)
         self._journal_top = max([-1, *self._skip, *self._notes, *(self._skip_range or ())])
         try:
             journal.start_generation(self._journal_snapshot())  # kept buffered if the disk is full
             self.sync()
         except (OSError, BackendError) as e:
             self._log.error("diskqueue cannot rewrite its journal yet", queue=self.name, error=str(e))
+
+    def _count_skipped(self) -> None:
+        """Count the unread records ``get_tracked()`` will pass over, so that
+        depth() counts exactly what will be served.  A finished record's fact
+        is kept only if that record is on disk (else it would be served
+        anyway); a cut-short copy's remains are walked."""
+        span = self._skip_range
+        inside = (lambda k: span[0] <= k < span[1]) if span is not None else (lambda k: False)
+        for k, msg_id in list(self._skip.items()):
+            if not inside(k) and self._id_at(k) != msg_id:
+                del self._skip[k]
+        count = sum(1 for k in self._skip if not inside(k))
+        if span is not None:
+            lo_num, lo_pos = qj.split_key(span[0])
+            cost = ReadCost()
+            for num, start, end in self._unread_spans():
+                if num < lo_num:
+                    continue
+                if num == lo_num:
+                    start = max(start, lo_pos)
+                for pos, _, data in read_records(self._file(num), start, end, self._min, self._max, 26, cost):
+                    k = qj.key(num, pos)
+                    if k >= span[1]:
+                        break
+                    count += self._will_skip(k, data[10:26])
+                else:
+                    continue
+                break
+        self._skip_count = count
 
     def _id_at(self, token: int) -> bytes | None:
         """The message id of the intact record at ``token`` (None if there is none)."""
@@ -1090,6 +1141,7 @@ class DiskQueue(SyncNotifier):
             self._journal.delete()
             self._skip.clear()
             self._skip_range = None
+            self._skip_count = 0
             self._notes.clear()
             if self.mark >= 0:
                 self._journal.append(qj.entry(qj.MARK, self.mark))

@@ -177,12 +177,16 @@ def test_model_with_journal(tmp_path_factory, ops):
         else:
             kill(q)
         q = open_queue(path, max_bytes=300)
+        depth = q.depth()
         seen: dict[int, tuple[int, int, int]] = {}
         while (item := q.get_tracked()) is not None:
             data, token, note = item
             i = index(data)
             assert i not in seen, f"record {i} came back twice"
             seen[i] = (token, note, attempts(data))
+            depth -= 1
+            assert q.depth() == depth, "depth counts exactly the records still to be served"
+        assert depth == 0, f"depth counted {depth} records never served"
         must = unread | set(held)
         assert must <= set(seen), must - set(seen)
         assert set(seen) <= must | (set() if synced else acked_unsynced)
@@ -245,6 +249,7 @@ def test_model_with_journal(tmp_path_factory, ops):
             reopen(synced=False)
         elif op == "crash":
             reopen(synced=True)
+        assert q.depth() == len(unread)
     q.close()
 
 
@@ -268,6 +273,7 @@ def test_copy_mark_counts_only_what_reached_the_disk(tmp_path):
     data.write_bytes(data.read_bytes()[: -3 * len(record(19)) - 10])
     q = open_queue(str(tmp_path), max_bytes=10_000)
     assert q.mark == 200
+    assert q.depth() == 0  # the remains are not counted either
     assert drain(q) == []  # the topic still has all of them: copied again
     q.put_many([record(i) for i in range(10, 20)], mark=300)
     assert [index(b) for b in drain(q)] == list(range(10, 20))
@@ -319,8 +325,10 @@ def test_the_two_halves_of_a_move_cut_short_by_a_crash(tmp_path):
     assert q2.discard(keys[1], ids[5]) is True
     assert q2.discard(keys[2], b"0" * 16) is True  # not that message there: nothing to do
     assert q2.discard(got[0][1], ids[0]) is False  # read past already
+    assert q2.depth() == 5  # records 2 (finished) and 5 (discarded) are not counted
     q2.sync()
     q3 = open_queue(str(tmp_path))  # the discard is durable
+    assert q3.depth() == 5
     assert [index(b) for b in drain(q3)] == [1, 3, 4, 6, 7]
     q3.close()
 

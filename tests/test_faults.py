@@ -283,3 +283,39 @@ def test_sync_mode_fin_behind_an_older_unfinished_message_survives_kill_9(tmp_pa
         wait_for(lambda: nothing_more(d, "fin", "ch"), message="no more messages")
     finally:
         d.stop()
+
+
+def test_sync_mode_depth_after_kill_9_leaves_out_messages_finished_behind_an_older_one(tmp_path):
+    """/stats depth counts exactly the messages still to be delivered: records
+    FINed behind an older unfinished one before a kill -9 are on disk after
+    the read position, but are never delivered again, so they are not counted."""
+    flags = ("--sync-every=1", "--mem-queue-size=0")
+    d = start_nsqd(str(tmp_path), *flags)
+    c = subscriber(d, "dep", "ch", rdy=8)
+    with RawClient(d.tcp_port) as p:
+        assert p.mpub("dep", [b"d%d" % i for i in range(8)]).data == b"OK"
+    msgs = [c.read_message() for _ in range(8)]
+    held = [msgs[i][3] for i in (0, 3, 7)]  # the oldest stays in flight
+    for i in (1, 2, 4, 5, 6):
+        c.cmd(b"FIN", msgs[i][2])
+    confirm(c)  # the FINs are done
+    d.kill()
+    c.close()
+
+    d = start_nsqd(str(tmp_path), *flags)
+    try:
+        assert channel_stats(d, "dep", "ch")["depth"] == len(held)
+        c = subscriber(d, "dep", "ch", rdy=1)  # one at a time: depth is checked between deliveries
+        got = []
+        for left in range(len(held) - 1, -1, -1):
+            _, attempts, msg_id, body = c.read_message(timeout=30)
+            got.append(body)
+            st = channel_stats(d, "dep", "ch")
+            assert (st["depth"], st["in_flight_count"]) == (left, 1), (body, st)
+            c.cmd(b"FIN", msg_id)
+            confirm(c)
+        assert got == held
+        assert nothing_more(d, "dep", "ch")
+        c.close()
+    finally:
+        d.stop()
