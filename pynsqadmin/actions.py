@@ -286,10 +286,14 @@ def _move_back(name: str, scope: str, source: str) -> Action:
         name,
         scope,
         "Move back",
-        f"Move the messages queued in {source} back to {{to}}, on every nsqd that has it?",
+        f"Move {{n}} of the messages queued in {source} back to {{to}}, on every nsqd that has it (that many on each)?",
         "Moved back {moved} messages ({kept} stayed: origin unknown or gone).",
-        _on_producers("/dead_letter/requeue", scope == "channel", names=("to",)),
-        fields=(Field("to", "to", choices=(("channel", "the channels they came from"), ("topic", "their topics (every channel)"))),),
+        _on_producers("/dead_letter/requeue", scope == "channel", names=("to", "n")),
+        fields=(
+            Field("to", "to", choices=(("channel", "the channels they came from"), ("topic", "their topics (every channel)"))),
+            # /dead_letter/requeue's n, per nsqd; blank: everything queued
+            Field("n", "at most", "all", required=False, parse=_int_field(1, 1 << 62), blank="all"),
+        ),
         group="dead_letters",
         requires=frozenset({"dead_letters"}),
         counts=("moved", "kept"),

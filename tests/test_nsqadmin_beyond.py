@@ -82,6 +82,12 @@ def test_fields_are_parsed_before_the_confirmation():
     with pytest.raises(ActionError):
         validate(ACTIONS["requeue_dead_letters"], Target("t.dead", values={"to": "elsewhere"}))
     assert "their topics" in question(ACTIONS["requeue_dead_letters"], Target("t.dead", values={"to": "topic"}))
+    move = ACTIONS["requeue_dead_letters"]
+    assert "Move all of the messages" in question(move, validate(move, Target("t.dead", values={"to": "channel", "n": ""})))
+    assert "Move 2 of the messages" in question(move, validate(move, Target("t.dead", values={"to": "channel", "n": "2"})))
+    for n in ("0", "-1", "many"):
+        with pytest.raises(ActionError):
+            validate(move, Target("t.dead", values={"to": "channel", "n": n}))
 
 
 def test_peeked_bodies_are_shown_from_their_bytes():
@@ -187,9 +193,12 @@ def test_dead_letters_set_shown_and_moved_back(cluster, unique):
     origins = section(body, 'id="dead-letters"')
     assert origins.count(f'href="/topics/{unique}/work">{unique}/work</a>') == 4
     assert 'data-action="requeue_dead_letters"' in body
-    status, headers, _ = act(cluster.admin, "requeue_dead_letters", topic=dead, to="channel")
-    assert status == 303 and headers["Location"] == f"/topics/{dead}?done=requeue_dead_letters&moved=4&kept=0"
-    assert "Moved back 4 messages (0 stayed" in page(cluster.admin, headers["Location"])[1]
+    status, headers, _ = act(cluster.admin, "requeue_dead_letters", topic=dead, to="channel", n="1")
+    assert status == 303 and headers["Location"] == f"/topics/{dead}?done=requeue_dead_letters&moved=1&kept=0"
+    assert channel_stats(nsqd, unique, "work")["depth"] == 1 and nsqd.stats(dead)["topics"][0]["depth"] == 3
+    status, headers, _ = act(cluster.admin, "requeue_dead_letters", topic=dead, to="channel", n="")
+    assert status == 303 and headers["Location"] == f"/topics/{dead}?done=requeue_dead_letters&moved=3&kept=0"
+    assert "Moved back 3 messages (0 stayed" in page(cluster.admin, headers["Location"])[1]
     # into the channel they came from, not onto the topic: "other" had them already
     assert channel_stats(nsqd, unique, "work")["depth"] == 4
     assert channel_stats(nsqd, unique, "other")["depth"] == 4
