@@ -9,6 +9,8 @@ import gzip
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -221,3 +223,29 @@ def test_a_message_that_cannot_be_written_stops_the_tool_and_stays_queued(nsqd, 
     wait_for(lambda: channel_stats(nsqd, unique, "c")["in_flight_count"] == 0, message="nothing left in flight")
     c = channel_stats(nsqd, unique, "c")
     assert c["depth"] == 2 and c["message_count"] == 2
+
+
+# a first SIGTERM read, then a second one still unread when the receiver
+# closes: trio hands it back to the handler it restores
+_SECOND_SIGNAL = """
+import signal, sys, trio
+from pynsqd.client.tools.common import stop_signal_receiver
+
+async def main():
+    with stop_signal_receiver() as signals:
+        signal.raise_signal(signal.SIGTERM)
+        async for _ in signals:
+            break
+        signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGINT)  # and any later one, while the files are closed
+    await trio.sleep(0)
+    return 0
+
+sys.exit(trio.run(main))
+"""
+
+
+def test_signals_after_the_first_never_kill_the_stopping_tool():
+    # as Go's nsq_to_file, whose signal.Notify keeps every later SIGINT/SIGTERM from being fatal
+    proc = subprocess.run([sys.executable, "-c", _SECOND_SIGNAL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

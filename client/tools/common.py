@@ -3,13 +3,14 @@ logging, signals, exit codes, and failing at once when an nsqd is down."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import Set as AbstractSet, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -254,6 +255,23 @@ def bad_address(opts: Any) -> str | None:
 
 
 # ---------------------------------------------------------------- running
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signal_receiver() -> Iterator[AsyncIterator[int]]:
+    """trio's receiver of SIGINT/SIGTERM, and those signals never fatal from
+    then on, as after Go's ``signal.Notify``: a tool that stops once and then
+    finishes its work (nsq_to_file closing its files) must not die of a second
+    signal.  trio hands the signals its receiver had not given out when it
+    closes back to the handlers it restores: "ignore", set here, instead of
+    the default "die now"."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        yield signals
 
 
 async def until_signal(on_signal: Callable[[], Awaitable[None]], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -64,6 +64,7 @@ from .common import (
     nsqd_tcp_addresses_flag,
     parse_opts,
     run_tool,
+    stop_signal_receiver,
     tool_main,
     tool_name,
     user_agent,
@@ -507,7 +508,7 @@ class Archiver:
                         inner.start_soon(self.on_hup)
                         if not self.opts.topics:
                             inner.start_soon(self.discover)
-                        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        with stop_signal_receiver() as signals:
                             async for _ in signals:
                                 break
                         inner.cancel_scope.cancel()
