@@ -525,7 +525,8 @@ async def test_waiting_for_a_writers_connection_ends_when_the_writer_stops(refus
                 outcome.append(exc)
 
         tg.start_soon(wait)
-        await anyio.sleep(0.2)
+        with anyio.fail_after(10):  # (a wait() spinning instead of parking never lets this return)
+            await anyio.wait_all_tasks_blocked()  # wait() parked in wait_connected() before the stop
         await writer.stop()
         with anyio.fail_after(5):
             while not outcome:

@@ -79,8 +79,9 @@ async def test_poison_messages_are_dead_lettered_after_max_attempts_and_moved_ba
         # the Reader keeps its default max_attempts (5): the channel's 3 come first
         options = dict(nsqd_tcp_addresses=[d.tcp_address], max_in_flight=5, default_requeue_delay=0, max_backoff_duration=0, on_give_up=gave_up.append)
         async with Reader("jobs", "work", handler, **options) as reader:
-            while not (channel_stats(d, "jobs", "work")["dead_letter_count"] == 10 and reader.stats().messages_finished == 10):
-                await trio.sleep(0.05)
+            with trio.fail_after(60):  # a condition polled, with a deadline
+                while not (channel_stats(d, "jobs", "work")["dead_letter_count"] == 10 and reader.stats().messages_finished == 10):
+                    await trio.sleep(0.05)
         poison = {b"poison-%d" % i for i in range(10)}
         assert {body: n for body, n in deliveries.items() if body in poison} == {body: 3 for body in poison}
         assert gave_up == []  # never delivered a 4th time, so the client never gave up
@@ -107,8 +108,9 @@ async def test_poison_messages_are_dead_lettered_after_max_attempts_and_moved_ba
         failing = False
         deliveries.clear()
         async with Reader("jobs", "work", handler, **options) as reader:
-            while reader.stats().messages_finished < 10:
-                await trio.sleep(0.05)
+            with trio.fail_after(60):
+                while reader.stats().messages_finished < 10:
+                    await trio.sleep(0.05)
         assert deliveries == {body: 1 for body in poison}
         assert channel_stats(d, "jobs", "work")["dead_letter_count"] == 10
         assert channel_stats(d, "jobs", "audit")["depth"] == 20
